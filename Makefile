@@ -1,0 +1,41 @@
+# vhotplug: the two commands a fresh Debian 12 machine needs are `make demo` and `make test`.
+# Both run `setup` first (Debian packages, .venv, libvirtd), so nothing else is required.
+
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+VHOTPLUG  := $(VENV)/bin/vhotplug
+LAB_NAME  ?= vhotplug-lab
+PYTEST_ARGS ?=
+
+.PHONY: setup lab demo test test-unit test-lab lint bench lab-down stop-daemons clean
+
+setup:
+	bash scripts/setup-host.sh
+
+lab: setup
+	$(VHOTPLUG) lab build
+
+demo: setup
+	bash scripts/demo.sh $(LAB_NAME)
+
+lint: setup
+	$(VENV)/bin/ruff check vhotplug tests bench
+
+test: setup lint
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-unit: setup
+	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+
+test-lab: setup
+	$(VENV)/bin/pytest tests/lab $(PYTEST_ARGS)
+
+lab-down:
+	$(VHOTPLUG) lab down --name $(LAB_NAME)
+
+# Stops only the daemons scripts/setup-host.sh started (recorded by PID).
+stop-daemons:
+	bash scripts/stop-daemons.sh
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

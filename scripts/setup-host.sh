@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Prepare a Debian 12 machine (as root) for vhotplug: Debian packages, the
+# project venv, and a running libvirtd. Idempotent: each step is skipped when
+# already done. Daemons it starts are recorded by PID in $STATE/daemons.pid so
+# `scripts/stop-daemons.sh` ends exactly those and nothing else.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+STATE=${VHOTPLUG_STATE_DIR:-/var/lib/vhotplug}
+VENV=${VENV:-$here/.venv}
+PY=${PYTHON:-python3}
+
+PKGS=(libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3-dev
+      qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu
+      linux-image-amd64 busybox-static dropbear-bin kmod cpio openssh-client)
+
+log() { printf 'setup: %s\n' "$*"; }
+
+missing=()
+for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    [[ $(id -u) == 0 ]] || { echo "setup: need root to install: ${missing[*]}" >&2; exit 1; }
+    log "installing Debian packages: ${missing[*]}"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+    log "Debian packages present"
+fi
+
+stamp=$VENV/.vhotplug-installed
+if [[ ! -x $VENV/bin/python || ! -f $stamp || $here/pyproject.toml -nt $stamp ]]; then
+    log "creating venv $VENV"
+    "$PY" -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip
+    "$VENV/bin/pip" install -q -e "$here[test]"
+    touch "$stamp"
+else
+    log "venv up to date"
+fi
+
+mkdir -p "$STATE"
+if virsh -q -c qemu:///system version >/dev/null 2>&1; then
+    log "libvirtd answers on qemu:///system"
+else
+    log "starting virtlogd and libvirtd (no systemd here)"
+    : >>"$STATE/daemons.pid"
+    # -d daemonizes; the daemons write their own pidfiles, which we copy.
+    if ! pgrep -F /run/virtlogd.pid >/dev/null 2>&1; then
+        virtlogd -d
+        for _ in $(seq 50); do [[ -s /run/virtlogd.pid ]] && break; sleep 0.1; done
+        echo "virtlogd $(cat /run/virtlogd.pid)" >>"$STATE/daemons.pid"
+    fi
+    libvirtd -d
+    for _ in $(seq 300); do
+        virsh -q -c qemu:///system version >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    [[ -s /run/libvirtd.pid ]] && echo "libvirtd $(cat /run/libvirtd.pid)" >>"$STATE/daemons.pid"
+    virsh -q -c qemu:///system version >/dev/null || { echo "setup: libvirtd did not come up" >&2; exit 1; }
+    log "libvirtd up ($(virsh -c qemu:///system version | grep -i 'running hypervisor' || true))"
+fi

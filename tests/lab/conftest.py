@@ -1,0 +1,58 @@
+"""The lab guest for integration tests: booted once per session under the real libvirtd.
+
+Nothing here skips: if libvirtd or the lab cannot come up, every lab test errors.
+The domain name carries the pytest PID, so runs on a reused machine never collide.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import libvirt
+import pytest
+
+from vhotplug.lab import manager
+from vhotplug.lab.manager import LabDomain
+from vhotplug.virt.connection import connection, open_connection
+
+URI = os.environ.get("VHOTPLUG_TEST_URI", "qemu:///system")
+
+
+@dataclass(frozen=True)
+class Lab:
+    name: str
+    uri: str
+    info: LabDomain
+    boot_seconds: float
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/lab/" in str(item.fspath):
+            item.add_marker(pytest.mark.lab)
+
+
+def report(config: pytest.Config, line: str) -> None:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    name = f"vhl-test-{os.getpid()}"
+    with connection(URI) as conn:
+        result = manager.up(conn, name, timeout=300)
+    report(request.config, f"\nlab {name}: booted to SSH in {result.boot_seconds:.1f} s (q35, TCG)")
+    yield Lab(name, URI, result.domain, result.boot_seconds)
+    with connection(URI) as conn:
+        manager.down(conn, name)
+
+
+@pytest.fixture
+def conn() -> Iterator[libvirt.virConnect]:
+    c = open_connection(URI)
+    yield c
+    c.close()

@@ -1,0 +1,120 @@
+"""``vhotplug lab``: the project's own test guest (busybox + dropbear on the Debian kernel)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Annotated
+
+import typer
+
+from vhotplug import errors
+from vhotplug.cli import output
+from vhotplug.cli.state import OutputFormat, state
+from vhotplug.lab import manager
+from vhotplug.lab.domain import Accel, Machine
+from vhotplug.virt.connection import connection
+
+app = typer.Typer(no_args_is_help=True, help="Build, boot and reach the lab guest used to prove hot-plug.")
+
+NameOpt = Annotated[str, typer.Option("--name", "-n", help="Lab domain name.")]
+
+
+@app.command()
+def build(
+    ctx: typer.Context,
+    kver: Annotated[str | None, typer.Option(help="Kernel version from /boot (default: newest).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if up to date (keeps the SSH keys).")]
+    = False,
+) -> None:
+    """Build the lab guest image: Debian kernel + busybox/dropbear initramfs."""
+    img = manager.build(kver=kver, force=force)
+    if state(ctx).output is OutputFormat.json:
+        output.json_out({"kver": img.kver, "kernel": str(img.kernel), "initrd": str(img.initrd)})
+        return
+    size = img.initrd.stat().st_size / 2**20
+    typer.echo(f"lab image ready: kernel {img.kver}, {img.initrd} ({size:.1f} MiB)")
+
+
+@app.command()
+def up(
+    ctx: typer.Context,
+    name: NameOpt = manager.DEFAULT_NAME,
+    machine: Annotated[str, typer.Option(help="Machine type: q35 (PCIe root ports) or pc (i440fx).")] = "q35",
+    accel: Annotated[str, typer.Option(help="Domain type: qemu (TCG, works everywhere) or kvm.")] = "qemu",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the guest's SSH.")] = 180.0,
+    print_xml: Annotated[bool, typer.Option("--print-xml", help="Print the domain XML and change nothing.")]
+    = False,
+) -> None:
+    """Define and boot the lab domain, wait until its SSH answers, print the boot time.
+
+    Idempotent: a running lab domain that answers is left as it is; a stale one is
+    replaced. How to reach the guest is recorded in the domain's <metadata>, so
+    every vhotplug command finds it.
+    """
+    m, a = _machine(machine), _accel(accel)
+    if print_xml:
+        typer.echo(manager.planned_xml(name, machine=m, accel=a), nl=False)
+        return
+    with connection(state(ctx).uri) as conn:
+        result = manager.up(conn, name, machine=m, accel=a, timeout=timeout)
+    lab = result.domain
+    if state(ctx).output is OutputFormat.json:
+        output.json_out({**lab.to_dict(), "boot_seconds": round(result.boot_seconds, 2),
+                         "already_running": result.already_running})
+    elif result.already_running:
+        typer.echo(f"lab domain {lab.name} already running; SSH at {lab.target}")
+    else:
+        typer.echo(f"lab domain {lab.name} booted to SSH in {result.boot_seconds:.1f} s ({lab.machine}, "
+                   f"{lab.accel}); SSH at {lab.target}")
+
+
+@app.command()
+def down(ctx: typer.Context, name: NameOpt = manager.DEFAULT_NAME) -> None:
+    """Stop and undefine the lab domain (only domains vhotplug's lab created)."""
+    with connection(state(ctx).uri) as conn:
+        removed = manager.down(conn, name)
+    typer.echo(f"lab domain {name} removed" if removed else f"no lab domain {name}")
+
+
+@app.command()
+def status(ctx: typer.Context, name: Annotated[str | None, typer.Option("--name", "-n")] = None) -> None:
+    """Show lab domains: state, machine, and how to reach them."""
+    with connection(state(ctx).uri) as conn:
+        labs = manager.status(conn, name)
+    rows = [lab.to_dict() for lab in labs]
+    if state(ctx).output is OutputFormat.json:
+        output.json_out(rows)
+        return
+    output.table(rows, [("name", "NAME"), ("state", "STATE"), ("machine", "MACHINE"), ("accel", "ACCEL"),
+                        ("ssh", "SSH"), ("serial_log", "SERIAL LOG")])
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ssh(ctx: typer.Context, name: NameOpt = manager.DEFAULT_NAME) -> None:
+    """Open a shell in the lab guest (extra arguments run as a command), host key checked."""
+    with connection(state(ctx).uri) as conn:
+        lab = manager.status(conn, name)[0]
+    if lab.target is None or lab.target.key is None or lab.target.known_hosts is None:
+        raise errors.NotFound(f"lab domain {name} has no SSH metadata")
+    client = shutil.which("ssh")
+    if client is None:
+        raise errors.VhotplugError("the ssh client is not installed", hint="apt-get install openssh-client")
+    t = lab.target
+    argv = [client, "-i", str(t.key), "-p", str(t.port), "-o", f"UserKnownHostsFile={t.known_hosts}",
+            "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", f"{t.user}@{t.host}", *ctx.args]
+    os.execv(client, argv)
+
+
+def _machine(value: str) -> Machine:
+    if value not in ("q35", "pc"):
+        raise errors.InvalidRequest(f"invalid --machine {value!r}: expected q35 or pc")
+    return value  # type: ignore[return-value]
+
+
+def _accel(value: str) -> Accel:
+    if value not in ("qemu", "kvm"):
+        raise errors.InvalidRequest(f"invalid --accel {value!r}: expected qemu (TCG) or kvm")
+    if value == "kvm" and not os.path.exists("/dev/kvm"):
+        raise errors.Unsupported("--accel kvm needs /dev/kvm on this host")
+    return value  # type: ignore[return-value]

@@ -1,0 +1,89 @@
+"""The vhotplug command line: global options and the one error boundary.
+
+Commands raise ``VhotplugError``; only ``main`` turns errors into a message on
+stderr and a documented exit code. Tracebacks appear only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Annotated
+
+import typer
+
+from vhotplug import __version__
+from vhotplug.cli import lab_cmd, list_cmd
+from vhotplug.cli.state import AppState, OutputFormat
+from vhotplug.errors import ExitCode, VhotplugError
+
+try:  # Typer >= 0.22 vendors its own copy of click
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover - older Typer depends on click itself
+    from click import exceptions as click_exc  # type: ignore[no-redef]
+
+app = typer.Typer(
+    name="vhotplug",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Hot-plug devices into running libvirt guests and prove, inside the guest, that they arrived or left.",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vhotplug {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    connect: Annotated[
+        str | None,
+        typer.Option("--connect", "-c", metavar="URI",
+                     help="Hypervisor URI (default: $LIBVIRT_DEFAULT_URI, else libvirt's default)."),
+    ] = None,
+    output: Annotated[OutputFormat, typer.Option("--output", "-o", help="table for people, json for scripts.")]
+    = OutputFormat.table,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
+                                                  help="Print the version and exit.")] = None,
+) -> None:
+    ctx.obj = AppState(uri=connect or os.environ.get("LIBVIRT_DEFAULT_URI") or None, output=output, debug=debug)
+
+
+app.command("list")(list_cmd.list_devices)
+app.add_typer(lab_cmd.app, name="lab")
+
+
+def _report(exc: VhotplugError) -> None:
+    print(f"vhotplug: error: {exc.message}", file=sys.stderr)
+    if exc.hint:
+        print(f"vhotplug: hint: {exc.hint}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, map errors to exit codes (see README, "Exit codes")."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=args, prog_name="vhotplug", standalone_mode=False)
+    except VhotplugError as exc:
+        if debug:
+            traceback.print_exc()
+        _report(exc)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click_exc.ClickException as exc:
+        exc.show()
+        sys.exit(ExitCode.USAGE if isinstance(exc, click_exc.UsageError) else ExitCode.FAILURE)
+    except (typer.Abort, KeyboardInterrupt):
+        print("vhotplug: interrupted", file=sys.stderr)
+        sys.exit(ExitCode.INTERRUPTED)
+    sys.exit(rv if isinstance(rv, int) else ExitCode.OK)

@@ -1,0 +1,156 @@
+"""Where and how to reach a guest over SSH.
+
+Resolution order (first that applies): ``--ssh user@host[:port]`` (+ ``--ssh-key``),
+the domain's own ``<metadata>`` (written by ``vhotplug lab`` or by an operator),
+the domain's interface addresses as libvirt knows them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import libvirt
+from lxml import etree
+
+from vhotplug import errors
+
+METADATA_NS = "urn:vhotplug:guest:1"
+METADATA_KEY = "vh"
+
+_USER = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$", re.IGNORECASE)
+_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class SSHTarget:
+    host: str
+    port: int = 22
+    user: str = "root"
+    key: Path | None = None
+    known_hosts: Path | None = None  # None: the user's ~/.ssh/known_hosts
+    source: str = "command line"  # where this target came from, for messages
+
+    def __str__(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}"
+
+
+def _check_host(host: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        pass
+    if not _HOST.match(host):
+        raise errors.InvalidRequest(f"invalid SSH host {host!r}")
+    return host
+
+
+def _check_port(port: str | int) -> int:
+    try:
+        value = int(port)
+    except (TypeError, ValueError):
+        value = -1
+    if not 0 < value < 65536:
+        raise errors.InvalidRequest(f"invalid SSH port {port!r}: expected 1-65535")
+    return value
+
+
+def parse_ssh_spec(spec: str) -> SSHTarget:
+    """Parse ``[user@]host[:port]`` (IPv6 as ``[addr]:port``)."""
+    user = "root"
+    rest = spec.strip()
+    if "@" in rest:
+        user, rest = rest.rsplit("@", 1)
+        if not _USER.match(user):
+            raise errors.InvalidRequest(f"invalid SSH user {user!r} in {spec!r}")
+    port: int | str = 22
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        if tail:
+            if not tail.startswith(":"):
+                raise errors.InvalidRequest(f"invalid SSH target {spec!r}: expected [user@]host[:port]")
+            port = tail[1:]
+    elif rest.count(":") == 1:
+        host, port = rest.split(":")
+    else:
+        host = rest
+    if not host:
+        raise errors.InvalidRequest(f"invalid SSH target {spec!r}: expected [user@]host[:port]")
+    return SSHTarget(host=_check_host(host), port=_check_port(port), user=user)
+
+
+def metadata_element(target: SSHTarget) -> etree._Element:
+    """The ``<vh:guest>`` element describing how to reach the guest."""
+    root = etree.Element(f"{{{METADATA_NS}}}guest", nsmap={METADATA_KEY: METADATA_NS})
+    ssh = etree.SubElement(root, f"{{{METADATA_NS}}}ssh")
+    ssh.set("host", target.host)
+    ssh.set("port", str(target.port))
+    ssh.set("user", target.user)
+    if target.key:
+        ssh.set("key", str(target.key))
+    if target.known_hosts:
+        ssh.set("known-hosts", str(target.known_hosts))
+    return root
+
+
+def target_from_metadata(xml: str | bytes | etree._Element) -> SSHTarget | None:
+    """Read the target from a domain XML document (or its ``<vh:guest>`` element)."""
+    root = xml if isinstance(xml, etree._Element) else etree.fromstring(
+        xml.encode() if isinstance(xml, str) else xml
+    )
+    found = root.xpath("//vh:guest/vh:ssh", namespaces={"vh": METADATA_NS})
+    if not found:
+        return None
+    ssh = found[0]
+    host = ssh.get("host")
+    if not host:
+        return None
+    key = ssh.get("key")
+    known = ssh.get("known-hosts")
+    return SSHTarget(
+        host=_check_host(host),
+        port=_check_port(ssh.get("port", "22")),
+        user=ssh.get("user", "root"),
+        key=Path(key) if key else None,
+        known_hosts=Path(known) if known else None,
+        source="domain metadata",
+    )
+
+
+def target_from_interfaces(dom: libvirt.virDomain) -> SSHTarget | None:
+    """First IPv4 address libvirt knows for the domain (DHCP lease, then ARP)."""
+    for src in (libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP):
+        try:
+            ifaces = dom.interfaceAddresses(src)
+        except libvirt.libvirtError:
+            continue
+        for iface in (ifaces or {}).values():
+            for addr in iface.get("addrs") or []:
+                if addr.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4 and addr.get("addr"):
+                    return SSHTarget(host=addr["addr"], source="interface addresses")
+    return None
+
+
+def resolve_target(dom: libvirt.virDomain, *, ssh: str | None, key: Path | None,
+                   known_hosts: Path | None) -> SSHTarget:
+    """Decide where to reach the guest of ``dom``; raise GuestUnreachable when nothing says."""
+    if ssh:
+        target = parse_ssh_spec(ssh)
+    else:
+        try:
+            xml = dom.XMLDesc(0)
+        except libvirt.libvirtError:
+            xml = None
+        target = (target_from_metadata(xml) if xml else None) or target_from_interfaces(dom)
+        if target is None:
+            raise errors.GuestUnreachable(
+                f"do not know how to reach the guest of {dom.name()} over SSH",
+                hint="pass --ssh user@host[:port] (and --ssh-key), or use a lab domain",
+            )
+    if key:
+        target = replace(target, key=key)
+    if known_hosts:
+        target = replace(target, known_hosts=known_hosts)
+    return target

@@ -1,0 +1,119 @@
+"""The lab guest's libvirt domain XML, built from ``xml_templates/lab-domain.xml`` with lxml."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from lxml import etree
+
+from vhotplug import errors, templates
+from vhotplug.guest.target import METADATA_NS, SSHTarget, metadata_element
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+Machine = Literal["q35", "pc"]
+Accel = Literal["qemu", "kvm"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+# Root ports that q35's built-in devices (xhci, virtio-scsi, balloon) and the
+# pcie-to-pci-bridge take; we add this many on top of the free ones asked for.
+_INFRA_ROOT_PORTS = 4
+
+
+@dataclass(frozen=True)
+class LabSpec:
+    name: str
+    kernel: Path
+    initrd: Path
+    serial_log: Path
+    ssh: SSHTarget
+    machine: Machine = "q35"
+    accel: Accel = "qemu"
+    free_root_ports: int = 8
+    memory_mib: int = 512
+    image_id: str = ""
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise errors.InvalidRequest(
+            f"invalid lab domain name {name!r}: use letters, digits and _.+- (at most 64, not starting with a sign)"
+        )
+    return name
+
+
+def mgmt_mac(name: str) -> str:
+    """A stable, locally administered (QEMU range) MAC for the lab's management NIC."""
+    digest = hashlib.sha256(name.encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+def kernel_cmdline(mac: str) -> str:
+    # memhp_default_state=offline: hot-added memory must stay offline until
+    # vhotplug onlines it (tests check that it does).
+    return f"console=ttyS0 edd=off quiet memhp_default_state=offline vhotplug.mgmt_mac={mac}"
+
+
+def _controller(devices: etree._Element, index: int, model: str, before: etree._Element) -> None:
+    ctl = etree.Element("controller", type="pci", index=str(index), model=model)
+    before.addprevious(ctl)
+
+
+def build_domain_xml(spec: LabSpec) -> str:
+    """The full domain XML for a lab guest."""
+    check_name(spec.name)
+    root = templates.load("lab-domain")
+    root.set("type", spec.accel)
+    root.find("name").text = spec.name
+    os_el = root.find("os")
+    os_el.find("type").set("machine", spec.machine)
+    os_el.find("kernel").text = str(spec.kernel)
+    os_el.find("initrd").text = str(spec.initrd)
+    mac = mgmt_mac(spec.name)
+    os_el.find("cmdline").text = kernel_cmdline(mac)
+    for path in ("memory", "currentMemory", "cpu/numa/cell"):
+        el = root.find(path)
+        el.set("unit", "MiB")
+        if path == "cpu/numa/cell":
+            el.set("memory", str(spec.memory_mib))
+        else:
+            el.text = str(spec.memory_mib)
+
+    meta = metadata_element(spec.ssh)
+    lab = etree.SubElement(meta, f"{{{METADATA_NS}}}lab")
+    lab.set("machine", spec.machine)
+    lab.set("accel", spec.accel)
+    lab.set("serial-log", str(spec.serial_log))
+    if spec.image_id:
+        lab.set("image", spec.image_id)
+    root.find("metadata").append(meta)
+
+    devices = root.find("devices")
+    first = devices[0]
+    if spec.machine == "q35":
+        _controller(devices, 0, "pcie-root", first)
+        ports = spec.free_root_ports + _INFRA_ROOT_PORTS
+        for index in range(1, ports + 1):
+            _controller(devices, index, "pcie-root-port", first)
+        _controller(devices, ports + 1, "pcie-to-pci-bridge", first)
+        nic_addr = "bus=pcie.0,addr=0x1e"
+    else:
+        _controller(devices, 0, "pci-root", first)
+        nic_addr = "bus=pci.0,addr=0x1f"  # the last slot: libvirt fills pci.0 from the bottom
+
+    devices.find("serial/source").set("path", str(spec.serial_log))
+
+    # Management NIC: user-mode networking with SSH forwarded on 127.0.0.1 only.
+    # libvirt 9.0 has no portForward for type='user', so it goes on the QEMU
+    # command line and stays invisible to libvirt (it is not a hot-plug target).
+    cmdline = root.find(f"{{{QEMU_NS}}}commandline")
+    args = [
+        "-netdev", f"user,id=vhmgmt,net=10.0.2.0/24,hostfwd=tcp:{spec.ssh.host}:{spec.ssh.port}-:22",
+        "-device", f"virtio-net-pci,netdev=vhmgmt,mac={mac},{nic_addr},romfile=",
+    ]
+    for value in args:
+        etree.SubElement(cmdline, f"{{{QEMU_NS}}}arg", value=value)
+    return templates.tostring(root)

@@ -1,0 +1,237 @@
+"""Lab lifecycle: build the image, define and boot lab domains, find and remove them.
+
+Only domains carrying vhotplug's lab marker in their metadata are ever
+destroyed or undefined here; a name that belongs to another domain is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+from lxml import etree
+
+from vhotplug import errors
+from vhotplug.guest.ssh import wait_for_ssh
+from vhotplug.guest.target import METADATA_NS, SSHTarget, target_from_metadata
+from vhotplug.lab import image as lab_image
+from vhotplug.lab.domain import Accel, LabSpec, Machine, build_domain_xml, check_name
+from vhotplug.virt.errors import translate
+
+DEFAULT_NAME = "vhotplug-lab"
+
+
+def lab_root() -> Path:
+    """Where lab files live: readable by the QEMU process (not under /root)."""
+    return Path(os.environ.get("VHOTPLUG_LAB_DIR", "/var/lib/vhotplug/lab"))
+
+
+def image_dir() -> Path:
+    return lab_root() / "image"
+
+
+def domain_dir(name: str) -> Path:
+    return lab_root() / "domains" / check_name(name)
+
+
+@dataclass(frozen=True)
+class LabDomain:
+    name: str
+    state: str
+    target: SSHTarget | None
+    machine: str
+    accel: str
+    serial_log: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name, "state": self.state, "machine": self.machine, "accel": self.accel,
+            "ssh": str(self.target) if self.target else None,
+            "key": str(self.target.key) if self.target and self.target.key else None,
+            "known_hosts": str(self.target.known_hosts) if self.target and self.target.known_hosts else None,
+            "serial_log": self.serial_log,
+        }
+
+
+@dataclass(frozen=True)
+class UpResult:
+    domain: LabDomain
+    boot_seconds: float
+    already_running: bool
+
+
+_STATES = {
+    libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shut off", libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_BLOCKED: "blocked",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
+}
+
+
+def _lab_info(dom: libvirt.virDomain) -> LabDomain | None:
+    """The lab description of ``dom``, or None if it is not a lab domain."""
+    try:
+        xml = dom.XMLDesc(0)
+        state = _STATES.get(dom.state()[0], "unknown")
+    except libvirt.libvirtError:
+        return None  # vanished meanwhile
+    root = etree.fromstring(xml.encode())
+    lab = root.xpath("//vh:guest/vh:lab", namespaces={"vh": METADATA_NS})
+    if not lab:
+        return None
+    return LabDomain(dom.name(), state, target_from_metadata(root), lab[0].get("machine", "?"),
+                     lab[0].get("accel", "?"), lab[0].get("serial-log", ""))
+
+
+def list_labs(conn: libvirt.virConnect) -> list[LabDomain]:
+    try:
+        domains = conn.listAllDomains(0)
+    except libvirt.libvirtError as exc:
+        raise translate(exc, "listing domains") from exc
+    return sorted((info for d in domains if (info := _lab_info(d))), key=lambda i: i.name)
+
+
+def _find(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise translate(exc) from exc
+
+
+def _require_lab(dom: libvirt.virDomain) -> LabDomain:
+    info = _lab_info(dom)
+    if info is None:
+        raise errors.InvalidRequest(
+            f"domain {dom.name()!r} exists and is not a vhotplug lab domain: refusing to touch it",
+            hint="choose another --name",
+        )
+    return info
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def serial_tail(path: str | Path, lines: int = 15) -> str:
+    with contextlib.suppress(OSError):
+        text = Path(path).read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+    return "(no serial output)"
+
+
+def build(*, kver: str | None = None, force: bool = False) -> lab_image.GuestImage:
+    """Build (or reuse) the lab guest image."""
+    root = lab_root()
+    root.mkdir(parents=True, exist_ok=True)
+    # QEMU runs as an unprivileged user (libvirt-qemu on Debian): it must be able to
+    # reach the kernel, initrd and serial log through every directory on the way.
+    for path in (root, *root.parents):
+        if path.stat().st_mode & 0o001 == 0:
+            raise errors.LabError(
+                f"lab directory {root} is not reachable by the QEMU process: {path} is not world-searchable",
+                hint="set VHOTPLUG_LAB_DIR to a directory under /var/lib or /srv",
+            )
+    return lab_image.build_image(image_dir(), kver=kver, force=force)
+
+
+def _spec(name: str, machine: Machine, accel: Accel, kernel: Path, initrd: Path, key: Path,
+          image_id: str) -> LabSpec:
+    ddir = domain_dir(name)
+    # The forward is chosen now, free at this moment; SSH is bound to loopback only.
+    target = SSHTarget("127.0.0.1", free_port(), "root", key, ddir / "known_hosts", source="lab metadata")
+    return LabSpec(name=name, kernel=kernel, initrd=initrd, serial_log=ddir / "serial.log", ssh=target,
+                   machine=machine, accel=accel, image_id=image_id)
+
+
+def planned_xml(name: str, *, machine: Machine, accel: Accel) -> str:
+    """The domain XML ``up`` would define, without building anything or touching libvirt."""
+    try:
+        img = lab_image.load_image(image_dir())
+        kernel, initrd, key, kver = img.kernel, img.initrd, img.client_key, img.kver
+    except errors.LabError:  # not built yet: show where the files will be
+        d = image_dir()
+        kernel, initrd, key, kver = d / "vmlinuz", d / "initrd.img", d / "id_lab", ""
+    return build_domain_xml(_spec(check_name(name), machine, accel, kernel, initrd, key, kver))
+
+
+def down(conn: libvirt.virConnect, name: str) -> bool:
+    """Destroy and undefine lab domain ``name``; False if there was none."""
+    dom = _find(conn, check_name(name))
+    if dom is None:
+        return False
+    _require_lab(dom)
+    try:
+        if dom.isActive():
+            dom.destroy()
+        if dom.isPersistent():
+            dom.undefine()
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            raise translate(exc, f"removing lab domain {name}") from exc
+    return True
+
+
+def up(conn: libvirt.virConnect, name: str = DEFAULT_NAME, *, machine: Machine = "q35", accel: Accel = "qemu",
+       timeout: float = 180.0, kver: str | None = None) -> UpResult:
+    """Boot lab domain ``name`` (building what is missing) and wait until its SSH answers."""
+    check_name(name)
+    img = build(kver=kver)
+    dom = _find(conn, name)
+    if dom is not None:
+        info = _require_lab(dom)
+        if info.state == "running" and info.target and info.machine == machine and info.accel == accel:
+            with contextlib.suppress(errors.GuestUnreachable, errors.Timeout, errors.GuestHostKeyError):
+                wait_for_ssh(info.target, deadline=time.monotonic() + 5)
+                return UpResult(info, 0.0, already_running=True)
+        down(conn, name)  # stale, unreachable or different shape: start afresh
+
+    spec = _spec(name, machine, accel, img.kernel, img.initrd, img.client_key, img.kver)
+    domain_dir(name).mkdir(parents=True, exist_ok=True)
+    spec.serial_log.unlink(missing_ok=True)
+    assert spec.ssh.known_hosts is not None
+    spec.ssh.known_hosts.write_text(f"[{spec.ssh.host}]:{spec.ssh.port} {img.host_key_pub}\n")
+    serial, target = spec.serial_log, spec.ssh
+    try:
+        dom = conn.defineXML(build_domain_xml(spec))
+    except libvirt.libvirtError as exc:
+        raise translate(exc, f"defining lab domain {name}") from exc
+    started = time.monotonic()
+    try:
+        dom.create()
+    except libvirt.libvirtError as exc:
+        err = translate(exc, f"starting lab domain {name}")
+        raise errors.LabError(err.message, hint="see the libvirt/QEMU message above") from exc
+    try:
+        wait_for_ssh(target, deadline=started + timeout)
+    except errors.VhotplugError as exc:
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.destroy()
+        raise errors.LabError(
+            f"lab guest {name} did not answer SSH within {timeout:g} s ({exc}); "
+            f"last serial output ({serial}):\n{serial_tail(serial)}",
+            hint="the domain was stopped and left defined; `vhotplug lab down` removes it",
+        ) from exc
+    booted = time.monotonic() - started
+    info = _lab_info(dom)
+    assert info is not None
+    return UpResult(info, booted, already_running=False)
+
+
+def status(conn: libvirt.virConnect, name: str | None = None) -> list[LabDomain]:
+    labs = list_labs(conn)
+    if name is None:
+        return labs
+    found = [lab for lab in labs if lab.name == name]
+    if not found:
+        raise errors.NotFound(f"no lab domain named {name!r}", hint="`vhotplug lab up --name NAME` creates one")
+    return found
