@@ -636,10 +636,11 @@ def build_image(out_dir: Path, *, kver: str | None = None, force: bool = False) 
     out_dir = Path(out_dir)
     kver = kver or default_kver()
     kernel_src = _check_kver(kver)
-    for path, package, what in ((BUSYBOX, "busybox-static", "a static busybox"),
-                                (DROPBEAR, "dropbear-bin", "the dropbear SSH server"),
-                                (INIT_SCRIPT, "vhotplug", "the lab init script")):
-        _need_file(path, package, what)
+    _need_file(BUSYBOX, "busybox-static", "a static busybox")
+    _need_file(DROPBEAR, "dropbear-bin", "the dropbear SSH server")
+    if not INIT_SCRIPT.is_file():
+        raise LabError(f"the lab init script {INIT_SCRIPT} is missing from the vhotplug installation",
+                       hint="reinstall vhotplug")
     try:
         if not out_dir.is_dir():
             out_dir.mkdir(parents=True)
@@ -667,7 +668,7 @@ def build_image(out_dir: Path, *, kver: str | None = None, force: bool = False) 
             _atomic_copy(kernel_src, kernel)
         except OSError as exc:
             raise LabError(f"cannot copy the kernel {kernel_src}: {exc.strerror}",
-                           hint="run as root (Debian's /boot/vmlinuz-* are readable by root only)") from exc
+                           hint="run as root (the kernel under /boot may be readable by root only)") from exc
         for old in out_dir.glob(f"{KERNEL_PREFIX}*"):
             if old != kernel:
                 old.unlink()
