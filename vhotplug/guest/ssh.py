@@ -154,7 +154,7 @@ def wait_for_ssh(target: SSHTarget, *, deadline: float, interval: float = 0.25) 
     start = time.monotonic()
     last: errors.VhotplugError | None = None
     while time.monotonic() < deadline:
-        session = GuestSession(target, connect_timeout=max(1.0, min(5.0, deadline - time.monotonic())))
+        session = GuestSession(target, connect_timeout=max(0.5, min(2.0, deadline - time.monotonic())))
         try:
             with session:
                 session.run(["true"], timeout=10)

@@ -558,7 +558,7 @@ def _pack(staging: Path, dest: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as raw:
             os.fchmod(raw.fileno(), 0o644)
-            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as gz:
+            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as gz:
                 write_cpio([*tree_entries(staging), *extra], gz)
             raw.flush()
             os.fsync(raw.fileno())
@@ -599,6 +599,8 @@ def _image_from(out_dir: Path, stamp: dict[str, object]) -> GuestImage | None:
         return None
     host_pub = _parse_pub((out_dir / HOST_KEY_PUB_NAME).read_text(), "ssh-ed25519")
     client_pub = (out_dir / f"{CLIENT_KEY_NAME}.pub").read_text().strip()
+    if client_pub != _public_line(_load_private_key(client_key)):
+        return None  # id_lab was replaced without its .pub
     if host_pub is None or host_pub != stamp.get("host_key_pub") or client_pub != stamp.get("client_key_pub"):
         return None
     return GuestImage(kver, kernel, initrd, host_pub, client_key, client_pub)
@@ -615,6 +617,20 @@ def load_image(out_dir: Path) -> GuestImage:
         raise LabError(f"the lab image in {out_dir} is incomplete or its keys changed since it was built",
                        hint=f"{_BUILD_HINT} (keeps the existing keys)")
     return image
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Temp files and staging dirs of an interrupted build (called with the lock held)."""
+    for path in out_dir.glob(".*"):
+        if path.name == LOCK_NAME:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            if path.name.startswith(".staging-"):
+                shutil.rmtree(path, ignore_errors=True)
+        elif path.name.startswith(f".{KERNEL_PREFIX}") or any(
+                path.name.startswith(f".{n}.")
+                for n in (INITRD_NAME, STAMP_NAME, HOST_KEY_PUB_NAME, HOST_KEY_NAME, CLIENT_KEY_NAME)):
+            path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -648,13 +664,23 @@ def build_image(out_dir: Path, *, kver: str | None = None, force: bool = False) 
     except OSError as exc:
         raise LabError(f"cannot create the lab image directory {out_dir}: {exc.strerror}") from exc
 
+    try:
+        return _build_locked(out_dir, kver, kernel_src, force)
+    except OSError as exc:
+        raise LabError(f"building the lab image in {out_dir} failed: {exc}") from exc
+
+
+def _build_locked(out_dir: Path, kver: str, kernel_src: Path, force: bool) -> GuestImage:
     with _locked(out_dir):
         inputs = _inputs(kver)
         stamp = _read_stamp(out_dir)
         if not force and stamp is not None and stamp.get("inputs") == inputs:
             image = _image_from(out_dir, stamp)
-            if image is not None and image.client_key.stat().st_mode & 0o077 == 0:
+            if image is not None:
+                if stat.S_IMODE(image.client_key.stat().st_mode) != 0o600:
+                    os.chmod(image.client_key, 0o600)
                 return image
+        _remove_leftovers(out_dir)
 
         host_pub = _host_key(out_dir)
         client_pub = _client_key(out_dir)
