@@ -19,7 +19,7 @@ demo: setup
 	bash scripts/demo.sh $(LAB_NAME)
 
 lint: setup
-	$(VENV)/bin/ruff check vhotplug tests bench
+	$(VENV)/bin/ruff check vhotplug tests
 
 test: setup lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Prepare a Debian 12 machine (as root) for vhotplug: Debian packages, the
 # project venv, and a running libvirtd. Idempotent: each step is skipped when
-# already done. Daemons it starts are recorded by PID in $STATE/daemons.pid so
+# already done. Daemons it starts are recorded by PID in $VHOTPLUG_PIDFILE (default
+# $STATE/daemons.pid) so
 # `scripts/stop-daemons.sh` ends exactly those and nothing else.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 STATE=${VHOTPLUG_STATE_DIR:-/var/lib/vhotplug}
+PIDFILE=${VHOTPLUG_PIDFILE:-$STATE/daemons.pid}
 VENV=${VENV:-$here/.venv}
 PY=${PYTHON:-python3}
 
@@ -45,19 +47,19 @@ if virsh -q -c qemu:///system version >/dev/null 2>&1; then
     log "libvirtd answers on qemu:///system"
 else
     log "starting virtlogd and libvirtd (no systemd here)"
-    : >>"$STATE/daemons.pid"
+    : >>"$PIDFILE"
     # -d daemonizes; the daemons write their own pidfiles, which we copy.
     if ! pgrep -F /run/virtlogd.pid >/dev/null 2>&1; then
         virtlogd -d
         for _ in $(seq 50); do [[ -s /run/virtlogd.pid ]] && break; sleep 0.1; done
-        echo "virtlogd $(cat /run/virtlogd.pid)" >>"$STATE/daemons.pid"
+        echo "virtlogd $(cat /run/virtlogd.pid)" >>"$PIDFILE"
     fi
     libvirtd -d
     for _ in $(seq 300); do
         virsh -q -c qemu:///system version >/dev/null 2>&1 && break
         sleep 0.1
     done
-    [[ -s /run/libvirtd.pid ]] && echo "libvirtd $(cat /run/libvirtd.pid)" >>"$STATE/daemons.pid"
+    [[ -s /run/libvirtd.pid ]] && echo "libvirtd $(cat /run/libvirtd.pid)" >>"$PIDFILE"
     virsh -q -c qemu:///system version >/dev/null || { echo "setup: libvirtd did not come up" >&2; exit 1; }
     log "libvirtd up ($(virsh -c qemu:///system version | grep -i 'running hypervisor' || true))"
 fi

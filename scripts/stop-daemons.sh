@@ -2,7 +2,7 @@
 # Stop the daemons that scripts/setup-host.sh started (by recorded PID only).
 set -u
 STATE=${VHOTPLUG_STATE_DIR:-/var/lib/vhotplug}
-f=$STATE/daemons.pid
+f=${VHOTPLUG_PIDFILE:-$STATE/daemons.pid}
 [[ -f $f ]] || exit 0
 tac "$f" | while read -r name pid; do
     [[ -n ${pid:-} ]] || continue
