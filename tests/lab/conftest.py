@@ -34,10 +34,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.lab)
 
 
+_BOOT_LINES: list[str] = []
+
+
 def report(config: pytest.Config, line: str) -> None:
+    """Show ``line`` now (past pytest's capture) and again in the final summary."""
+    _BOOT_LINES.append(line.strip())
     reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(line)
+    capman = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capman is not None:
+        with capman.global_and_fixture_disabled():
+            reporter.write_line(line)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _BOOT_LINES:
+        terminalreporter.section("lab boot times")
+        for line in _BOOT_LINES:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")
