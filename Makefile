@@ -19,7 +19,7 @@ demo: setup
 	bash scripts/demo.sh $(LAB_NAME)
 
 lint: setup
-	$(VENV)/bin/ruff check vhotplug tests
+	$(VENV)/bin/ruff check vhotplug tests bench
 
 test: setup lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
@@ -29,6 +29,10 @@ test-unit: setup
 
 test-lab: setup
 	$(VENV)/bin/pytest tests/lab $(PYTEST_ARGS)
+
+# Not a test: 20 NIC cycles on the lab, vhotplug vs. a virsh + ssh loop (see bench/nic_cycle.py).
+bench: setup
+	$(PY) bench/nic_cycle.py --cycles 20
 
 lab-down:
 	$(VHOTPLUG) lab down --name $(LAB_NAME)

@@ -26,3 +26,16 @@ AcceptNewOpt = Annotated[
     typer.Option("--accept-new-host-key",
                  help="Trust and record an unknown guest host key (a changed key is still refused)."),
 ]
+LiveOpt = Annotated[bool, typer.Option("--live", help="Affect the running domain.")]
+ConfigOpt = Annotated[bool, typer.Option("--config", help="Affect the persistent definition (next boot).")]
+CurrentOpt = Annotated[bool, typer.Option("--current", help="Affect the current state: live if running, else config.")]
+PersistentOpt = Annotated[
+    bool, typer.Option("--persistent", help="Affect the definition, and the running domain if it runs.")
+]
+PrintXmlOpt = Annotated[bool, typer.Option("--print-xml", help="Print the device XML and change nothing.")]
+VerifyOpt = Annotated[
+    bool | None,
+    typer.Option("--verify/--no-verify",
+                 help="Check inside the guest over SSH (default: on when the guest's SSH access is known)."),
+]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the guest.")]

@@ -132,6 +132,20 @@ class GuestSession:
             )
         return result
 
+    def transport(self) -> paramiko.Transport:
+        """The live SSH transport (connecting first if needed), for callers that open their own channel.
+
+        A long-running guest-side watcher needs a channel it can read while other commands
+        run on the same connection; ``run`` cannot give it one.
+        """
+        if self._client is None:
+            self.connect()
+        assert self._client is not None
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            raise errors.GuestUnreachable(f"the SSH connection to {self.target} is closed")
+        return transport
+
 
 class _RecordNewKey(paramiko.MissingHostKeyPolicy):
     """--accept-new-host-key: trust an unknown key once and append it (a changed key still fails)."""

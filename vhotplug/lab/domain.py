@@ -18,9 +18,10 @@ Machine = Literal["q35", "pc"]
 Accel = Literal["qemu", "kvm"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
-# Root ports that q35's built-in devices (xhci, virtio-scsi, balloon) and the
-# pcie-to-pci-bridge take; we add this many on top of the free ones asked for.
-_INFRA_ROOT_PORTS = 4
+# The template's own PCIe devices each take a root port on q35 (libvirt places
+# them there), and so does the pcie-to-pci-bridge: those come on top of the
+# free ports asked for.
+_PCIE_DEVICES = "controller[@type='usb' or @type='scsi'] | memballoon | rng"
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def build_domain_xml(spec: LabSpec) -> str:
     first = devices[0]
     if spec.machine == "q35":
         _controller(devices, 0, "pcie-root", first)
-        ports = spec.free_root_ports + _INFRA_ROOT_PORTS
+        ports = spec.free_root_ports + len(devices.xpath(_PCIE_DEVICES)) + 1
         for index in range(1, ports + 1):
             _controller(devices, index, "pcie-root-port", first)
         _controller(devices, ports + 1, "pcie-to-pci-bridge", first)

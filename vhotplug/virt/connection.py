@@ -15,11 +15,13 @@ import libvirt
 
 from vhotplug import errors
 from vhotplug.virt.errors import silence_default_handler, translate
+from vhotplug.virt.events import ensure_event_loop
 
 
 def open_connection(uri: str | None) -> libvirt.virConnect:
     """Open a read-write connection; raise ConnectionFailed with the URI in the message."""
     silence_default_handler()
+    ensure_event_loop()  # must precede open() for this connection to deliver events
     try:
         conn = libvirt.open(uri)
     except libvirt.libvirtError as exc:

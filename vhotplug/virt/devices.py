@@ -6,10 +6,13 @@ golden inputs and used on live XML alike.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from lxml import etree
+
+from vhotplug import errors
 
 # Device elements libvirt can attach/detach on a running QEMU domain. Controllers
 # and the balloon are infrastructure, not payload, and are left out.
@@ -126,6 +129,21 @@ def _describe(el: etree._Element) -> Device:
 
 def hotpluggable_devices(xml: str | bytes) -> list[Device]:
     """Every hot-pluggable device in a domain XML document, in document order."""
+    return [dev for dev, _ in device_elements(xml)]
+
+_PCI_REF = re.compile(r"^(?:(?P<dom>[0-9a-fA-F]{4}):)?(?P<bus>[0-9a-fA-F]{2}):(?P<slot>[0-9a-fA-F]{2})\.(?P<fn>[0-7])$")
+_MAC_REF = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+def _normalize_pci(ref: str) -> str | None:
+    m = _PCI_REF.match(ref)
+    if not m:
+        return None
+    return f"{(m['dom'] or '0000').lower()}:{m['bus'].lower()}:{m['slot'].lower()}.{m['fn']}"
+
+
+def device_elements(xml: str | bytes) -> list[tuple[Device, etree._Element]]:
+    """Hot-pluggable devices with their XML elements."""
     root = etree.fromstring(xml.encode() if isinstance(xml, str) else xml)
     devices = root.find("devices")
     if devices is None:
@@ -135,6 +153,56 @@ def hotpluggable_devices(xml: str | bytes) -> list[Device]:
         if not isinstance(el.tag, str) or el.tag not in HOTPLUG_KINDS:
             continue
         if el.tag == "input" and el.get("bus") in ("ps2", None):
-            continue  # the built-in PS/2 mouse/keyboard cannot be unplugged
-        found.append(_describe(el))
+            continue
+        found.append((_describe(el), el))
     return found
+
+
+def find_device(xml: str | bytes, ref: str) -> tuple[Device, etree._Element]:
+    """The one device ``ref`` names: id/alias, MAC, target (vdb, sda) or guest PCI address.
+
+    Raises DeviceNotFound (with what there is) or InvalidRequest when ``ref`` is ambiguous.
+    """
+    ref = ref.strip()
+    pci = _normalize_pci(ref)
+    mac = ref.lower() if _MAC_REF.match(ref) else None
+    candidates = device_elements(xml)
+    matches = [
+        (dev, el) for dev, el in candidates
+        if dev.alias in (ref, f"ua-{ref}")
+        or (mac is not None and dev.identity.lower() == mac)
+        or (dev.kind == "disk" and dev.identity == ref)
+        or (pci is not None and dev.address == pci)
+    ]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        known = ", ".join(sorted({d.alias for d, _ in candidates if d.alias != "-"})) or "none"
+        raise errors.DeviceNotFound(
+            f"no device {ref!r} in the domain (known aliases: {known})",
+            hint="name a device by its id/alias, MAC, target (vdb, sda) or guest PCI address; see `vhotplug list`",
+        )
+    names = ", ".join(f"{d.kind} {d.alias}" for d, _ in matches)
+    raise errors.InvalidRequest(f"{ref!r} names several devices ({names}): use the alias")
+
+
+@dataclass(frozen=True)
+class UsedNames:
+    """Names already taken in a domain: a new device must not reuse any of them."""
+
+    aliases: frozenset[str]
+    macs: frozenset[str]
+    targets: frozenset[str]
+
+
+def used_names(*xmls: str | bytes) -> UsedNames:
+    """Aliases, MACs and disk targets used in any of the given domain XML documents."""
+    aliases: set[str] = set()
+    macs: set[str] = set()
+    targets: set[str] = set()
+    for xml in filter(None, xmls):
+        root = etree.fromstring(xml.encode() if isinstance(xml, str) else xml)
+        aliases.update(root.xpath("devices/*/alias/@name"))
+        macs.update(m.lower() for m in root.xpath("devices/interface/mac/@address"))
+        targets.update(root.xpath("devices/disk/target/@dev"))
+    return UsedNames(frozenset(aliases), frozenset(macs), frozenset(targets))

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The hand-written equivalent of one `vhotplug attach nic --verify` + `vhotplug detach --verify`:
+# virsh attach-device, ssh-poll every 0.1 s until the guest shows the MAC, virsh detach-device,
+# ssh-poll until it is gone. Arguments: URI DOMAIN XMLFILE MAC PORT KEY KNOWN_HOSTS
+set -euo pipefail
+uri=$1 dom=$2 xml=$3 mac=$4 port=$5 key=$6 known=$7
+ssh_guest() {
+    ssh -q -i "$key" -p "$port" -o UserKnownHostsFile="$known" -o StrictHostKeyChecking=yes \
+        -o IdentitiesOnly=yes -o BatchMode=yes root@127.0.0.1 "$@"
+}
+has_mac() { ssh_guest "cat /sys/class/net/*/address" | grep -qx "$mac"; }
+
+virsh -q -c "$uri" attach-device "$dom" "$xml" --live >/dev/null
+until has_mac; do sleep 0.1; done
+virsh -q -c "$uri" detach-device "$dom" "$xml" --live >/dev/null
+while has_mac; do sleep 0.1; done

@@ -1,0 +1,632 @@
+"""The guest watcher and ping, without a guest.
+
+The watcher tests are "honest": the exact command line ``start_watch`` would send over
+SSH runs here under the host's busybox sh (the lab guest's shell), against a fake sysfs
+built in tmp_path with the same layout the lab guest shows (see tests/lab/test_watch.py).
+Ping is tested against a scripted session that answers each argv with canned output.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import select
+import shlex
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vhotplug import errors
+from vhotplug.guest import watch as watch_mod
+from vhotplug.guest.ping import (
+    PingResult,
+    check_iface,
+    parse_addresses,
+    parse_lease,
+    parse_ping,
+    ping_through,
+)
+from vhotplug.guest.ssh import Result
+from vhotplug.guest.watch import (
+    WATCH_SCRIPT,
+    Identity,
+    Seen,
+    parse_line,
+    start_watch,
+    wait_for,
+    watch_command,
+)
+
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+needs_busybox = pytest.mark.skipif(not os.access(BUSYBOX, os.X_OK), reason="needs busybox (the guest's shell)")
+
+# --------------------------------------------------------------------------------------------------
+# identity and command line
+
+
+def test_identity_normalises_mac_to_lower_case():
+    assert Identity("nic", "52:54:00:AB:CD:EF").value == "52:54:00:ab:cd:ef"
+
+
+@pytest.mark.parametrize("kind,value", [
+    ("nic", "52:54:00:ab:cd"), ("nic", "52-54-00-ab-cd-ef"), ("nic", "52:54:00:ab:cd:ef\n"),
+    ("nic", "$(reboot)"), ("disk", ""), ("disk", "a" * 21), ("disk", "vh d1"), ("disk", "x;reboot"),
+    ("disk", "$(id)"), ("disk", "vh-d1\n"), ("usb", "1-1"),
+])
+def test_identity_refuses_bad_values(kind, value):
+    with pytest.raises(errors.InvalidRequest):
+        Identity(kind, value)
+
+
+def test_command_passes_identity_as_an_argument_never_in_the_script():
+    cmd = watch_command(Identity("disk", "vh-d1"), present=True, timeout=30)
+    assert shlex.split(cmd) == ["exec", "sh", "-c", WATCH_SCRIPT, "sh", "disk", "vh-d1", "1", "3000", ""]
+    assert "vh-d1" not in WATCH_SCRIPT
+    absent = shlex.split(watch_command(Identity("nic", "52:54:00:00:00:01"), present=False, timeout=0.004))
+    assert absent[5:] == ["nic", "52:54:00:00:00:01", "0", "1", ""]
+
+
+@pytest.mark.parametrize("timeout", [0, -1, math.nan, math.inf, watch_mod.MAX_TIMEOUT + 1])
+def test_command_refuses_bad_timeouts(timeout):
+    with pytest.raises(errors.InvalidRequest):
+        watch_command(Identity("disk", "vh-d1"), present=True, timeout=timeout)
+
+
+def test_parse_lines():
+    assert parse_line("start 12.34 215 -") == watch_mod.WatchLine("start", 12.34, pid=215)
+    assert parse_line("start 1.00 9 eth1").name == "eth1"
+    found = parse_line("found sdb sd 13.50 polls=56 pci=0000:03:00.0 usb=2-1 scsi=7:0:0:0")
+    assert (found.word, found.name, found.driver, found.uptime) == ("found", "sdb", "sd", 13.5)
+    assert found.detail == {"polls": "56", "pci": "0000:03:00.0", "usb": "2-1", "scsi": "7:0:0:0"}
+    gone = parse_line("found - - 14.00 polls=2 was=eth1")
+    assert (gone.name, gone.driver, gone.detail["was"]) == ("", "-", "eth1")
+    assert parse_line("timeout 40.00 polls=900 last=eth2").detail == {"polls": "900", "last": "eth2"}
+
+
+@pytest.mark.parametrize("line", ["", "start", "start 1.0 x -", "found eth1 e1000", "found a b -1.0",
+                                  "found a b 1.0 junk", "hello 1 2 3", "timeout x"])
+def test_parse_refuses_unexpected_lines(line):
+    with pytest.raises(ValueError):
+        parse_line(line)
+
+
+# --------------------------------------------------------------------------------------------------
+# a fake guest: busybox sh over a fake sysfs
+
+
+class FakeSys:
+    """A directory laid out like the lab guest's /sys and /proc, with a running /proc/uptime."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.devices = root / "sys/devices/pci0000:00"
+        for d in ("sys/class/net", "sys/block", "proc", "sys/bus"):
+            (root / d).mkdir(parents=True, exist_ok=True)
+        self._t0 = time.monotonic() - 100.0
+        self._stop = threading.Event()
+        self.tick()
+        self._clock = threading.Thread(target=self._run_clock, daemon=True)
+        self._clock.start()
+
+    def tick(self) -> None:
+        tmp = self.root / "proc/.uptime"
+        tmp.write_text(f"{time.monotonic() - self._t0:.2f} 1.00\n")
+        os.replace(tmp, self.root / "proc/uptime")  # atomic: the watcher never reads half a line
+
+    def _run_clock(self) -> None:
+        while not self._stop.wait(0.005):
+            self.tick()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._clock.join()
+
+    def _link(self, link: Path, target: Path) -> None:
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(target, link.parent))  # relative, like the kernel's
+
+    def _driver(self, dev: Path, bus: str, driver: str) -> None:
+        drv = self.root / "sys/bus" / bus / "drivers" / driver
+        drv.mkdir(parents=True, exist_ok=True)
+        self._link(dev / "driver", drv)
+
+    def add_nic(self, name: str, mac: str, pci: str, *, driver: str = "virtio_net", bound: bool = True) -> Path:
+        func = self.devices / "0000:00:01.6" / pci
+        dev = func / "virtio5" if driver == "virtio_net" else func
+        net = dev / "net" / name
+        net.mkdir(parents=True)
+        (func / "vendor").write_text("0x1af4\n")
+        (net / "address").write_text(f"{mac}\n")
+        self._link(net / "device", dev)
+        self._link(self.root / "sys/class/net" / name, net)
+        if bound:
+            self.bind(dev, "virtio" if driver == "virtio_net" else "pci", driver)
+        return dev
+
+    def bind(self, dev: Path, bus: str, driver: str) -> None:
+        self._driver(dev, bus, driver)
+
+    def remove_nic(self, name: str) -> None:
+        link = self.root / "sys/class/net" / name
+        target = link.resolve()
+        link.unlink()
+        shutil.rmtree(target)
+
+    def _block(self, name: str, parent: Path, bus: str, driver: str) -> Path:
+        block = parent / "block" / name
+        block.mkdir(parents=True)
+        (block / "dev").write_text("254:0\n")
+        self._link(block / "device", parent)
+        self._driver(parent, bus, driver)
+        self._link(self.root / "sys/block" / name, block)
+        return block
+
+    def add_virtio_disk(self, name: str, serial: str, pci: str = "0000:07:00.0") -> None:
+        dev = self.devices / "0000:00:01.5" / pci / "virtio4"
+        dev.mkdir(parents=True)
+        block = self._block(name, dev, "virtio", "virtio_blk")
+        (block / "serial").write_text(serial)  # no newline, like virtio-blk's
+
+    def add_scsi_disk(self, name: str, serial: str, hctl: str = "0:0:0:1", pci: str = "0000:04:00.0") -> None:
+        h, _, t, _ = hctl.split(":")
+        sdev = self.devices / "0000:00:01.2" / pci / "virtio1" / f"host{h}" / f"target{h}:0:{t}" / hctl
+        sdev.mkdir(parents=True)
+        raw = serial.encode()
+        (sdev / "vpd_pg80").write_bytes(bytes([0, 0x80, 0, len(raw)]) + raw)
+        (sdev / "vendor").write_text("QEMU    \n")
+        self._block(name, sdev, "scsi", "sd")
+
+    def add_usb_disk(self, name: str, serial: str, port: str = "2-1", host: int = 7) -> None:
+        usbdev = self.devices / "0000:00:01.1" / "0000:03:00.0" / "usb2" / port
+        sdev = usbdev / f"{port}:1.0" / f"host{host}" / f"target{host}:0:0" / f"{host}:0:0:0"
+        sdev.mkdir(parents=True)
+        (usbdev / "serial").write_text(f"{serial}\n")
+        (usbdev.parent / "serial").write_text("0000:03:00.0\n")  # the root hub's, never a disk's
+        self._block(name, sdev, "scsi", "sd")
+
+    def remove_block(self, name: str) -> None:
+        link = self.root / "sys/block" / name
+        target = link.resolve()
+        link.unlink()
+        shutil.rmtree(target)
+
+
+class _Exit:
+    """Stands in for paramiko's Channel.status_event."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self._proc = proc
+
+    def wait(self, timeout: float | None = None) -> bool:
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+
+class LocalChannel:
+    """A paramiko Channel look-alike whose command runs under busybox sh on this host."""
+
+    def __init__(self, env: dict[str, str], procs: list[subprocess.Popen[bytes]]) -> None:
+        self._env = env
+        self._procs = procs
+        self._timeout: float | None = None
+        self.command = ""
+        self.closed = False
+
+    def exec_command(self, command: str) -> None:
+        # What an SSH server does with an exec request: hand the string to the user's shell.
+        self.command = command
+        self.proc = subprocess.Popen([BUSYBOX, "sh", "-c", command], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self._env)
+        self._procs.append(self.proc)
+        self.status_event = _Exit(self.proc)
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._timeout = timeout
+
+    def recv(self, nbytes: int) -> bytes:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], self._timeout)
+        if not ready:
+            raise TimeoutError
+        return os.read(self.proc.stdout.fileno(), nbytes)
+
+    def recv_stderr_ready(self) -> bool:
+        assert self.proc.stderr is not None
+        return bool(select.select([self.proc.stderr], [], [], 0)[0]) and self.proc.poll() is not None
+
+    def recv_stderr(self, nbytes: int) -> bytes:
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read()
+
+    def exit_status_ready(self) -> bool:
+        return self.proc.poll() is not None
+
+    def recv_exit_status(self) -> int:
+        return self.proc.wait()
+
+    def close(self) -> None:
+        # Like an SSH channel close: our end goes away, the remote process is not signalled.
+        self.closed = True
+
+
+class LocalTransport:
+    def __init__(self, env: dict[str, str], procs: list[subprocess.Popen[bytes]]) -> None:
+        self._env, self._procs = env, procs
+        self.channels: list[LocalChannel] = []
+
+    def open_session(self, timeout: float | None = None) -> LocalChannel:
+        chan = LocalChannel(self._env, self._procs)
+        self.channels.append(chan)
+        return chan
+
+
+class LocalSession:
+    """The two things a watch uses of GuestSession: ``transport()`` and ``run(argv)``."""
+
+    target = "local-busybox"
+
+    def __init__(self, bindir: Path) -> None:
+        self.env = {"PATH": str(bindir)}
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._transport = LocalTransport(self.env, self.procs)
+        self.ran: list[list[str]] = []
+
+    def transport(self) -> LocalTransport:
+        return self._transport
+
+    def run(self, argv: list[str], *, timeout: float = 30.0, check: bool = True) -> Result:
+        self.ran.append(argv)
+        proc = subprocess.run([BUSYBOX, "sh", "-c", shlex.join(argv)], capture_output=True, env=self.env,
+                              timeout=timeout, check=False)
+        return Result(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+
+    def alive(self, pid: int) -> bool:
+        proc = next(p for p in self.procs if p.pid == pid)
+        return proc.poll() is None
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Iterator[tuple[FakeSys, LocalSession]]:
+    # The guest's PATH holds busybox applets only: sh, usleep (as in the lab image).
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for applet in ("sh", "usleep"):
+        (bindir / applet).symlink_to(BUSYBOX)
+    # A space and shell syntax in the root path prove the arguments are quoted, not pasted.
+    sysfs = FakeSys(tmp_path / "guest root $(x) ;'")
+    session = LocalSession(bindir)
+    yield sysfs, session
+    sysfs.stop()
+    for proc in session.procs:  # only the watchers this test started, by their own handle
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def watch(session: LocalSession, sysfs: FakeSys, kind: str, value: str, *, present: bool = True,
+          timeout: float = 10.0) -> watch_mod.Watch:
+    return start_watch(session, Identity(kind, value), present=present, timeout=timeout,
+                       sysroot=str(sysfs.root))
+
+
+def later(delay: float, action) -> threading.Thread:
+    """Do ``action`` from another thread after ``delay`` s: the hot-plug the watch waits for."""
+    timer = threading.Timer(delay, action)
+    timer.start()
+    return timer
+
+
+@needs_busybox
+def test_nic_already_present(fake):
+    sysfs, session = fake
+    sysfs.add_nic("eth1", "52:54:00:11:22:33", "0000:08:00.0")
+    with watch(session, sysfs, "nic", "52:54:00:11:22:33") as w:
+        assert w.initial == "eth1" and w.pid > 0
+        seen = w.result()
+    assert seen.name == "eth1" and seen.driver == "virtio_net"
+    assert seen.detail["pci"] == "0000:08:00.0" and seen.detail["polls"] == "1"
+    assert seen.guest_seconds == 0.0
+    assert session.transport().channels[0].closed
+
+
+@needs_busybox
+def test_nic_appears_after_start_and_only_once_bound(fake):
+    sysfs, session = fake
+    sysfs.add_nic("eth0", "52:54:00:00:00:01", "0000:00:1e.0")
+    with watch(session, sysfs, "nic", "52:54:00:11:22:44") as w:
+        assert w.initial == ""
+        started = time.monotonic()
+        # e1000 sits directly on its PCI function; first the interface, its driver later.
+        dev = sysfs.add_nic("eth2", "52:54:00:11:22:44", "0000:02:01.0", driver="e1000", bound=False)
+        later(0.3, lambda: sysfs.bind(dev, "pci", "e1000")).join()
+        seen = w.result()
+    assert (seen.name, seen.driver, seen.detail["pci"]) == ("eth2", "e1000", "0000:02:01.0")
+    assert int(seen.detail["polls"]) > 3
+    assert 0.2 <= seen.guest_seconds <= time.monotonic() - started + 0.5
+    assert w.host_time(seen) <= w.finished_at + 0.5
+
+
+@needs_busybox
+def test_unbound_nic_times_out_with_a_reason(fake):
+    sysfs, session = fake
+    sysfs.add_nic("eth3", "52:54:00:11:22:55", "0000:09:00.0", bound=False)
+    with pytest.raises(errors.Timeout, match=r"NIC with MAC 52:54:00:11:22:55 within 0.3 s \(eth3 has that MAC "
+                                             r"but no driver bound\); guest clock, \d+ polls"):
+        watch(session, sysfs, "nic", "52:54:00:11:22:55", timeout=0.3).result()
+
+
+@needs_busybox
+def test_nic_goes_away(fake):
+    sysfs, session = fake
+    sysfs.add_nic("eth1", "52:54:00:11:22:33", "0000:08:00.0")
+    with watch(session, sysfs, "nic", "52:54:00:11:22:33", present=False) as w:
+        assert w.initial == "eth1"
+        later(0.2, lambda: sysfs.remove_nic("eth1")).join()
+        seen = w.result()
+    assert seen == Seen("", "-", seen.guest_seconds, {"polls": seen.detail["polls"], "was": "eth1"})
+    assert seen.guest_seconds >= 0.15
+
+
+@needs_busybox
+def test_virtio_disk_by_serial(fake):
+    sysfs, session = fake
+    sysfs.add_virtio_disk("vda", "vh-d10")  # a longer serial that ends like the one we want
+    with watch(session, sysfs, "disk", "d1") as w:
+        later(0.1, lambda: sysfs.add_virtio_disk("vdb", "d1", pci="0000:0a:00.0")).join()
+        seen = w.result()
+    assert (seen.name, seen.driver, seen.detail["pci"]) == ("vdb", "virtio_blk", "0000:0a:00.0")
+    assert "usb" not in seen.detail and "scsi" not in seen.detail
+
+
+@pytest.mark.parametrize("serial", ["vh-d2", "vh-0123456", "A" * 20, "x"])
+@needs_busybox
+def test_scsi_disk_by_vpd_page(fake, serial):
+    # "vh-0123456" is 10 bytes long: its VPD length byte is a newline.
+    sysfs, session = fake
+    sysfs.add_scsi_disk("sda", f"zz{serial}", hctl="0:0:0:0")  # ends with our serial: must not match
+    with watch(session, sysfs, "disk", serial) as w:
+        assert w.initial == ""
+        later(0.1, lambda: sysfs.add_scsi_disk("sdb", serial, hctl="0:0:0:1")).join()
+        seen = w.result()
+    assert (seen.name, seen.driver) == ("sdb", "sd")
+    assert seen.detail["scsi"] == "0:0:0:1" and seen.detail["pci"] == "0000:04:00.0"
+
+
+@needs_busybox
+def test_usb_disk_by_usb_device_serial(fake):
+    sysfs, session = fake
+    with watch(session, sysfs, "disk", "vh-d3") as w:
+        later(0.1, lambda: sysfs.add_usb_disk("sdc", "vh-d3")).join()
+        seen = w.result()
+    assert (seen.name, seen.driver) == ("sdc", "sd")
+    assert seen.detail["usb"] == "2-1" and seen.detail["scsi"] == "7:0:0:0"
+    assert seen.detail["pci"] == "0000:03:00.0"
+
+
+@needs_busybox
+def test_nearest_serial_decides(fake):
+    sysfs, session = fake
+    sysfs.add_usb_disk("sdc", "outer")
+    # A USB stick whose SCSI device answers VPD page 0x80 itself: that serial is the disk's.
+    sdev = (sysfs.root / "sys/block/sdc").resolve().parent.parent
+    (sdev / "vpd_pg80").write_bytes(b"\x00\x80\x00\x05inner")
+    assert watch(session, sysfs, "disk", "inner", timeout=5).result().name == "sdc"
+    with pytest.raises(errors.Timeout):
+        watch(session, sysfs, "disk", "outer", timeout=0.2).result()
+
+
+@needs_busybox
+def test_disk_goes_away(fake):
+    sysfs, session = fake
+    sysfs.add_usb_disk("sdc", "vh-d3")
+    with watch(session, sysfs, "disk", "vh-d3", present=False) as w:
+        later(0.1, lambda: sysfs.remove_block("sdc")).join()
+        seen = w.result()
+    assert seen.name == "" and seen.detail["was"] == "sdc"
+
+
+@needs_busybox
+def test_disk_that_stays_times_out(fake):
+    sysfs, session = fake
+    sysfs.add_virtio_disk("vda", "vh-d1")
+    start = time.monotonic()
+    with pytest.raises(errors.Timeout, match=r"did not drop the disk with serial vh-d1 within 0.25 s \(still vda\)"):
+        watch(session, sysfs, "disk", "vh-d1", present=False, timeout=0.25).result()
+    assert time.monotonic() - start < 3
+
+
+@needs_busybox
+def test_cancel_stops_the_watcher(fake):
+    sysfs, session = fake
+    w = watch(session, sysfs, "nic", "52:54:00:99:99:99", timeout=60)
+    assert session.alive(w.pid)
+    w.cancel()
+    assert not session.alive(w.pid) and w.done
+    assert session.ran == [["kill", str(w.pid)]]
+    w.cancel()  # idempotent
+    assert len(session.ran) == 1
+    with pytest.raises(errors.InvalidRequest, match="cancelled"):
+        w.result()
+
+
+@needs_busybox
+def test_context_exit_cancels_an_unfinished_watch(fake):
+    sysfs, session = fake
+    with watch(session, sysfs, "disk", "vh-never", timeout=60) as w:
+        pid = w.pid
+    assert not session.alive(pid)
+
+
+@needs_busybox
+def test_watcher_that_dies_is_reported(fake):
+    sysfs, session = fake
+    (sysfs.root / "proc/uptime").unlink()
+    sysfs.stop()
+    with pytest.raises(errors.GuestCommandFailed, match="stopped without an answer"):
+        watch(session, sysfs, "nic", "52:54:00:11:22:33")
+
+
+@needs_busybox
+def test_wait_for_is_start_plus_result(fake):
+    sysfs, session = fake
+    sysfs.add_virtio_disk("vda", "vh-d1")
+    seen = wait_for(session, Identity("disk", "vh-d1"), present=True, timeout=5, sysroot=str(sysfs.root))
+    assert (seen.name, seen.driver, seen.detail["polls"]) == ("vda", "virtio_blk", "1")
+
+
+# --------------------------------------------------------------------------------------------------
+# ping
+
+BUSYBOX_PING = """\
+PING 10.0.2.2 (10.0.2.2): 56 data bytes
+64 bytes from 10.0.2.2: seq=0 ttl=255 time=3.537 ms
+64 bytes from 10.0.2.2: seq=2 ttl=255 time=0.878 ms
+
+--- 10.0.2.2 ping statistics ---
+3 packets transmitted, 2 packets received, 33% packet loss
+round-trip min/avg/max = 0.764/1.726/3.537 ms
+"""
+
+IPUTILS_PING = """\
+--- 10.0.2.2 ping statistics ---
+3 packets transmitted, 3 received, 0% packet loss, time 2003ms
+rtt min/avg/max/mdev = 0.301/0.412/0.530/0.092 ms
+"""
+
+NO_REPLY = """\
+PING 10.0.2.2 (10.0.2.2): 56 data bytes
+
+--- 10.0.2.2 ping statistics ---
+1 packets transmitted, 0 packets received, 100% packet loss
+"""
+
+
+def test_parse_ping():
+    assert parse_ping(BUSYBOX_PING) == (3, 2, 1.726)
+    assert parse_ping(IPUTILS_PING) == (3, 3, 0.412)
+    assert parse_ping(NO_REPLY) == (1, 0, None)
+    with pytest.raises(errors.GuestCommandFailed):
+        parse_ping("ping: bad address")
+
+
+def test_parse_lease_and_addresses():
+    assert parse_lease("udhcpc: lease of 10.0.2.15 obtained from 10.0.2.2, lease time 86400") == "10.0.2.15"
+    assert parse_lease("udhcpc: lease of 10.0.2.15 obtained, lease time 86400") == "10.0.2.15"
+    assert parse_lease("udhcpc: lease of 10.0.2.999 obtained") is None
+    assert parse_lease("udhcpc: no lease, failing") is None
+    shown = "3: eth1    inet 10.0.2.15/32 scope global eth1\\       valid_lft forever\n"
+    assert parse_addresses(shown, 4) == ["10.0.2.15"]
+    assert parse_addresses("3: eth1    inet6 fe80::1/64 scope link\n", 6) == ["fe80::1"]
+    assert parse_addresses("", 4) == []
+
+
+@pytest.mark.parametrize("name", ["", "a" * 16, "eth 1", "eth1;reboot", "$(id)", "..", "eth/1"])
+def test_check_iface_refuses(name):
+    with pytest.raises(errors.InvalidRequest):
+        check_iface(name)
+
+
+class ScriptedSession:
+    """Answers each argv from a table of (argv prefix, Result); records what was asked."""
+
+    target = "scripted"
+
+    def __init__(self, answers: list[tuple[list[str], Result]]) -> None:
+        self.answers = answers
+        self.ran: list[list[str]] = []
+
+    def run(self, argv: list[str], *, timeout: float = 30.0, check: bool = True) -> Result:
+        assert timeout > 0
+        self.ran.append(argv)
+        for prefix, result in self.answers:
+            if argv[:len(prefix)] == prefix:
+                if check and result.status != 0:
+                    raise errors.GuestCommandFailed(f"exit {result.status}")
+                return result
+        raise AssertionError(f"unexpected command {argv}")
+
+
+OK = Result(0, "", "")
+
+
+def test_ping_leases_a_32_then_pings_bound_to_the_interface():
+    dhcp_out = ("udhcpc: started, v1.35.0\nudhcpc: broadcasting discover\n"
+                "udhcpc: lease of 10.0.2.15 obtained from 10.0.2.2, lease time 86400\n")
+    s = ScriptedSession([
+        (["ip", "link"], OK),
+        (["ip", "-o", "-4", "addr", "show"], Result(0, "", "")),
+        (["sh", "-c"], Result(0, dhcp_out, "")),
+        (["ip", "addr", "add"], OK),
+        (["ping"], Result(0, BUSYBOX_PING, "")),
+    ])
+    result = ping_through(s, "eth1", "10.0.2.2")
+    assert result == PingResult(3, 2, 1.726, "10.0.2.15")
+    assert s.ran[0] == ["ip", "link", "set", "dev", "eth1", "up"]
+    assert s.ran[1] == ["ip", "-o", "-4", "addr", "show", "dev", "eth1"]
+    assert s.ran[2][:3] == ["sh", "-c", s.ran[2][2]] and s.ran[2][3:] == ["sh", "eth1"]
+    assert "eth1" not in s.ran[2][2]  # the interface is an argument, not part of the script
+    assert s.ran[3] == ["ip", "addr", "add", "10.0.2.15/32", "dev", "eth1"]
+    assert s.ran[4] == ["ping", "-c", "3", "-W", "2", "-I", "eth1", "10.0.2.2"]
+
+
+def test_ping_keeps_an_existing_address():
+    s = ScriptedSession([
+        (["ip", "link"], OK),
+        (["ip", "-o", "-4", "addr", "show"], Result(0, "3: eth1    inet 192.0.2.7/24 scope global eth1\n", "")),
+        (["ping"], Result(0, IPUTILS_PING, "")),
+    ])
+    assert ping_through(s, "eth1", "10.0.2.3", count=2).source_addr == "192.0.2.7"
+    assert [a[0] for a in s.ran] == ["ip", "ip", "ping"]
+    assert s.ran[-1][:3] == ["ping", "-c", "2"]
+
+
+def test_ping_without_reply_raises_with_the_output():
+    s = ScriptedSession([
+        (["ip", "link"], OK),
+        (["ip", "-o", "-4", "addr", "show"], Result(0, "1: lo    inet 127.0.0.1/8 scope host lo\n", "")),
+        (["ping"], Result(1, NO_REPLY, "")),
+    ])
+    with pytest.raises(errors.GuestCommandFailed, match=r"no reply from 10\.0\.2\.2 through lo \(exit 1\)"
+                                                        r"(.|\n)*100% packet loss"):
+        ping_through(s, "lo", "10.0.2.2", count=1)
+
+
+def test_ping_needs_udhcpc_when_there_is_no_address():
+    s = ScriptedSession([
+        (["ip", "link"], OK),
+        (["ip", "-o", "-4", "addr", "show"], OK),
+        (["sh", "-c"], Result(0, "no-udhcpc\n", "")),
+    ])
+    with pytest.raises(errors.GuestCommandFailed, match="no udhcpc"):
+        ping_through(s, "eth1", "10.0.2.2")
+
+
+def test_ping_without_lease_fails_before_pinging():
+    s = ScriptedSession([
+        (["ip", "link"], OK),
+        (["ip", "-o", "-4", "addr", "show"], OK),
+        (["sh", "-c"], Result(1, "udhcpc: no lease, failing\n", "")),
+    ])
+    with pytest.raises(errors.GuestCommandFailed, match="got no lease"):
+        ping_through(s, "eth1", "10.0.2.2")
+    assert all(a[0] != "ping" for a in s.ran)
+
+
+@pytest.mark.parametrize("iface,addr,count", [("eth1", "10.0.2", 3), ("eth1", "host.example", 3),
+                                               ("eth1;x", "10.0.2.2", 3), ("eth1", "10.0.2.2", 0)])
+def test_ping_refuses_bad_arguments_before_running_anything(iface, addr, count):
+    s = ScriptedSession([])
+    with pytest.raises(errors.InvalidRequest):
+        ping_through(s, iface, addr, count=count)
+    assert s.ran == []

@@ -1,0 +1,198 @@
+"""``vhotplug attach nic|disk``: add a device and prove it inside the guest."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Annotated
+
+import libvirt
+import typer
+from lxml import etree
+
+from vhotplug import errors, templates
+from vhotplug.cli import output
+from vhotplug.cli.guest_access import open_guest
+from vhotplug.cli.options import (
+    AcceptNewOpt,
+    ConfigOpt,
+    CurrentOpt,
+    DomainArg,
+    KnownHostsOpt,
+    LiveOpt,
+    PersistentOpt,
+    PrintXmlOpt,
+    SSHKeyOpt,
+    SSHOpt,
+    TimeoutOpt,
+    VerifyOpt,
+)
+from vhotplug.cli.state import OutputFormat, state
+from vhotplug.devices.disk import DiskSpec, create_image, disk_spec, disk_xml, remove_created_image
+from vhotplug.devices.nic import NIC_MODELS, nic_spec, nic_xml
+from vhotplug.guest.ping import ping_through
+from vhotplug.guest.ssh import GuestSession
+from vhotplug.guest.watch import Identity
+from vhotplug.ops.attach import AttachOutcome, attach_device
+from vhotplug.virt.connection import affect_flags, connection, domain_xml, is_running, lookup_domain
+from vhotplug.virt.devices import used_names
+from vhotplug.virt.slots import CONVENTIONAL_MODELS, check_pci_room
+
+app = typer.Typer(no_args_is_help=True, help="Hot-plug a device into a domain and verify it in the guest.")
+
+
+def image_dir(domain: str) -> Path:
+    """Where ``--size`` creates disk images: readable by QEMU, one folder per domain."""
+    return Path(os.environ.get("VHOTPLUG_IMAGE_DIR", "/var/lib/vhotplug/images")) / domain
+
+
+@app.command()
+def nic(
+    ctx: typer.Context,
+    domain: DomainArg,
+    model: Annotated[str, typer.Option(help=f"NIC model: {', '.join(NIC_MODELS)}.")] = "virtio",
+    network: Annotated[str | None, typer.Option(help="Connect to this libvirt network.")] = None,
+    bridge: Annotated[str | None, typer.Option(help="Connect to this host bridge.")] = None,
+    user: Annotated[bool, typer.Option("--user", help="QEMU user-mode networking (the default).")] = False,
+    mac: Annotated[str | None, typer.Option(help="MAC address (default: a new 52:54:00 one).")] = None,
+    id: Annotated[str | None, typer.Option("--id", help="Device id; stored as alias ua-ID (default nicN).")] = None,
+    ping: Annotated[str | None, typer.Option(metavar="ADDR",
+                                             help="After verifying, bring the NIC up and ping ADDR through it.")]
+    = None,
+    live: LiveOpt = False, config: ConfigOpt = False, current: CurrentOpt = False, persistent: PersistentOpt = False,
+    print_xml: PrintXmlOpt = False, verify: VerifyOpt = None, timeout: TimeoutOpt = 30.0,
+    ssh: SSHOpt = None, ssh_key: SSHKeyOpt = None, known_hosts: KnownHostsOpt = None,
+    accept_new_host_key: AcceptNewOpt = False,
+) -> None:
+    """Hot-plug a NIC (the seed's `device_add` of a network card), then find it in the guest by its MAC.
+
+    With --ping ADDR the guest brings the new interface up and pings through it
+    (`ping -I IFACE ADDR`, as in the seed).
+    """
+    st = state(ctx)
+    with connection(st.uri) as conn:
+        dom = lookup_domain(conn, domain)
+        flags, is_live = _flags(dom, live=live, config=config, current=current, persistent=persistent)
+        live_xml = domain_xml(dom) if is_running(dom) else ""
+        used = used_names(live_xml, domain_xml(dom, inactive=True))
+        spec = nic_spec(model=model, network=network, bridge=bridge, user=user, mac=mac, id=id,
+                        used_aliases=used.aliases, used_macs=used.macs)
+        element = nic_xml(spec)
+        if print_xml:
+            typer.echo(templates.tostring(element), nl=False)
+            return
+        if is_live:
+            check_pci_room(live_xml, conventional=spec.model in CONVENTIONAL_MODELS, what=f"a {spec.model} NIC")
+        session = open_guest(dom, verify=verify, live=is_live, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
+                             accept_new_host_key=accept_new_host_key)
+        if ping and session is None:
+            raise errors.InvalidRequest("--ping needs the guest check: a live attach with guest SSH access",
+                                        hint="pass --ssh USER@HOST (and --ssh-key)")
+        with session or contextlib.nullcontext():
+            outcome = attach_device(conn, dom, element, flags=flags, identity=Identity("nic", spec.mac),
+                                    session=session, timeout=timeout)
+            doc = outcome.to_dict()
+            if ping and session is not None and outcome.guest is not None:
+                doc["ping"] = _ping(session, outcome.guest.name, ping, alias=outcome.alias)
+    _report(st.output, dom_name=domain, outcome=outcome, doc=doc)
+
+
+@app.command()
+def disk(
+    ctx: typer.Context,
+    domain: DomainArg,
+    path: Annotated[Path | None, typer.Argument(help="Existing image file or block device.")] = None,
+    size: Annotated[str | None, typer.Option(help="Create a new sparse raw image of this size (512M, 1G, ...).")]
+    = None,
+    bus: Annotated[str, typer.Option(help="virtio, scsi, usb (USB storage) or sata (not hot-pluggable).")]
+    = "virtio",
+    target: Annotated[str | None, typer.Option(help="Target name (vdb, sdb); default: the first free one.")] = None,
+    readonly: Annotated[bool, typer.Option("--readonly", help="Attach read-only.")] = False,
+    id: Annotated[str | None, typer.Option("--id", help="Device id; alias ua-ID, serial vh-ID.")] = None,
+    live: LiveOpt = False, config: ConfigOpt = False, current: CurrentOpt = False, persistent: PersistentOpt = False,
+    print_xml: PrintXmlOpt = False, verify: VerifyOpt = None, timeout: TimeoutOpt = 30.0,
+    ssh: SSHOpt = None, ssh_key: SSHKeyOpt = None, known_hosts: KnownHostsOpt = None,
+    accept_new_host_key: AcceptNewOpt = False,
+) -> None:
+    """Hot-plug a disk (virtio, SCSI, or USB storage with --bus usb), then find it in the guest by its serial."""
+    st = state(ctx)
+    with connection(st.uri) as conn:
+        dom = lookup_domain(conn, domain)
+        flags, is_live = _flags(dom, live=live, config=config, current=current, persistent=persistent)
+        live_xml = domain_xml(dom) if is_running(dom) else ""
+        used = used_names(live_xml, domain_xml(dom, inactive=True))
+        spec = disk_spec(path=path, size=size, bus=bus, target=target, readonly=readonly, id=id,
+                         used_aliases=used.aliases, used_targets=used.targets, image_dir=image_dir(dom.name()))
+        element = disk_xml(spec)
+        if print_xml:
+            typer.echo(templates.tostring(element), nl=False)
+            return
+        if is_live:
+            _check_disk_room(live_xml, spec)
+        session = open_guest(dom, verify=verify, live=is_live, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
+                             accept_new_host_key=accept_new_host_key)
+        if spec.create_bytes:
+            create_image(spec)
+        try:
+            with session or contextlib.nullcontext():
+                outcome = attach_device(conn, dom, element, flags=flags, identity=Identity("disk", spec.serial),
+                                        session=session, timeout=timeout)
+        except BaseException:
+            if spec.create_bytes:
+                remove_created_image(spec)
+            raise
+        doc = outcome.to_dict()
+        if spec.create_bytes:
+            doc["created_image"] = str(spec.path)
+    _report(st.output, dom_name=domain, outcome=outcome, doc=doc)
+
+
+def _flags(dom: libvirt.virDomain, *, live: bool, config: bool, current: bool, persistent: bool) -> tuple[int, bool]:
+    running = is_running(dom)
+    flags = affect_flags(live=live, config=config, current=current, persistent=persistent, running=running)
+    is_live = bool(flags & libvirt.VIR_DOMAIN_AFFECT_LIVE) or (flags == 0 and running)
+    return flags, is_live
+
+
+def _check_disk_room(live_xml: str, spec: DiskSpec) -> None:
+    root = etree.fromstring(live_xml.encode())
+    if spec.bus == "sata":
+        raise errors.InvalidRequest(
+            "QEMU cannot hot-plug SATA (AHCI) disks into a running guest",
+            hint="use --bus scsi or --bus usb, or --config to add the SATA disk at the next boot",
+        )
+    if spec.bus == "virtio":
+        check_pci_room(live_xml, conventional=False, what="a virtio disk")
+    elif spec.bus == "scsi" and not root.xpath("devices/controller[@type='scsi']"):
+        check_pci_room(live_xml, conventional=False, what="a SCSI controller for the disk")
+    elif spec.bus == "usb" and not root.xpath("devices/controller[@type='usb'][not(@model='none')]"):
+        raise errors.InvalidRequest("the domain has no USB controller, so a USB disk cannot be hot-plugged",
+                                    hint="add a qemu-xhci controller to the definition (takes effect at next boot)")
+
+
+def _ping(session: GuestSession, iface: str, addr: str, *, alias: str) -> dict[str, object]:
+    try:
+        result = ping_through(session, iface, addr)
+    except errors.VhotplugError as exc:
+        exc.message += f" (the NIC {alias} stays attached)"
+        raise
+    return {"address": addr, "interface": iface, "sent": result.sent, "received": result.received,
+            "rtt_ms_avg": result.rtt_ms_avg}
+
+
+def _report(fmt: OutputFormat, *, dom_name: str, outcome: AttachOutcome, doc: dict[str, object]) -> None:
+    if fmt is OutputFormat.json:
+        output.json_out({"domain": dom_name, "attached": doc})
+        return
+    where = f" at {outcome.address}" if outcome.address != "-" else " (persistent definition)"
+    typer.echo(f"attached {outcome.kind} {outcome.alias} ({outcome.identity}) to {dom_name}{where} "
+               f"in {outcome.libvirt_seconds * 1000:.0f} ms")
+    if outcome.guest is not None:
+        detail = "".join(f", {k} {v}" for k, v in outcome.guest.detail.items())
+        typer.echo(f"guest: {outcome.guest.name} (driver {outcome.guest.driver}{detail}) seen "
+                   f"{(outcome.guest_seen_seconds or 0) * 1000:.0f} ms after the attach")
+    ping = doc.get("ping")
+    if isinstance(ping, dict):
+        typer.echo(f"ping {ping['address']} via {ping['interface']}: {ping['received']}/{ping['sent']} received, "
+                   f"avg {ping['rtt_ms_avg']} ms")

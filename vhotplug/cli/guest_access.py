@@ -1,0 +1,32 @@
+"""Decide whether and how a command checks inside the guest, and open the one SSH session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import libvirt
+
+from vhotplug import errors
+from vhotplug.guest.ssh import GuestSession
+from vhotplug.guest.target import resolve_target, target_from_metadata
+
+
+def open_guest(dom: libvirt.virDomain, *, verify: bool | None, live: bool, ssh: str | None, ssh_key: Path | None,
+               known_hosts: Path | None, accept_new_host_key: bool) -> GuestSession | None:
+    """A connected session when the guest should be checked, else None.
+
+    ``verify=None`` (the default) checks when the guest's access is *known*: given
+    with --ssh or recorded in the domain's metadata. Connecting happens before
+    anything changes, so an unreachable guest leaves the domain untouched.
+    """
+    if verify is False:
+        return None
+    if not live:
+        if verify:
+            raise errors.InvalidRequest("--verify checks the running guest: it needs a live change",
+                                        hint="drop --verify, or use --live/--persistent on a running domain")
+        return None
+    if verify is None and not ssh and target_from_metadata(dom.XMLDesc(0)) is None:
+        return None
+    target = resolve_target(dom, ssh=ssh, key=ssh_key, known_hosts=known_hosts)
+    return GuestSession(target, accept_new_host_key=accept_new_host_key).connect()

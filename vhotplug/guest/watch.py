@@ -1,0 +1,473 @@
+"""Watch, inside the guest, for a device to show up or go away, identified by MAC or disk serial.
+
+The caller starts a watch *before* it asks libvirt to act (like registering for an
+event), then acts, then collects the result::
+
+    with start_watch(session, Identity("nic", mac), present=True, timeout=30) as watch:
+        dom.attachDeviceFlags(xml, flags)
+        seen = watch.result()
+
+The watcher is one fixed busybox-sh script (``WATCH_SCRIPT``) run on its own channel of
+the session's existing SSH connection. The identity reaches it as a positional argument
+(``sh -c SCRIPT sh ARGS``, quoted with ``shlex.join``), never pasted into script text. It
+prints ``start`` right after its first look at sysfs (so a change made once ``start_watch``
+has returned cannot be missed), polls every ~20 ms with shell builtins, and prints one
+``found``/``timeout`` line. Times come from the guest's /proc/uptime.
+
+What identifies a disk, as seen on the lab guest (QEMU 7.2, libvirt 9, Debian 6.1 kernel):
+virtio-blk has ``/sys/block/vdX/serial``; a SCSI disk (virtio-scsi) has no serial file, only
+``vpd_pg80`` on its scsi_device (4-byte header, then the serial); a USB disk (usb-storage)
+has no VPD page, and libvirt's ``<serial>`` shows up as ``serial`` on the USB device
+directory (``.../usb2/2-1/serial``). The watcher walks up from the block device and lets
+the nearest level that has either file decide.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Literal
+
+import paramiko
+
+from vhotplug import errors
+from vhotplug.guest.ssh import GuestSession
+
+Kind = Literal["nic", "disk"]
+
+MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+SERIAL_RE = re.compile(r"[A-Za-z0-9_.-]{1,20}")
+
+#: Longest watch accepted; a guest-side loop should never outlive a test run by accident.
+MAX_TIMEOUT = 3600.0
+#: How long the watcher may take to print ``start`` (exec over SSH on a slow TCG guest).
+START_TIMEOUT = 30.0
+#: Extra host-side patience after the guest's own deadline, for the last line to arrive.
+RESULT_GRACE = 10.0
+#: How long to wait for the SSH server to report the watcher's exit before closing its channel.
+CLOSE_WAIT = 5.0
+
+# Positional arguments: $1 kind (nic|disk), $2 MAC or serial, $3 1=present 0=absent,
+# $4 deadline in centiseconds of guest uptime from start, $5 a directory standing in for /
+# ("" in a real guest; the unit tests point it at a fake sysfs).
+#
+# Every step inside the loop is a builtin (read, [, case, cd -P, arithmetic) except the
+# ~20 ms usleep, so one poll stays cheap even under TCG. ``cd -P DIR; $PWD`` replaces
+# ``readlink -f`` for the same reason.
+WATCH_SCRIPT = r"""
+export LC_ALL=C
+kind=$1 want=$2 present=$3 limit=$4 R=$5
+top=$R/sys/devices
+# /proc/uptime is "SECONDS.CC": centiseconds without octal surprises from a leading 0.
+tick() { read -r up _ 2>/dev/null < "$R/proc/uptime"; cs=$(( ${up%.*} * 100 + 1${up#*.} - 100 )); }
+# The byte that precedes a serial of our length in a SCSI VPD page 0x80 (its length byte);
+# the trailing x survives command substitution when that byte is a newline.
+lenc=
+[ "$kind" = disk ] && { lenc=$(printf "\\$(printf %o ${#want})x"); lenc=${lenc%x}; }
+
+# whence DIR: nearest PCI function and USB device above a physical sysfs path.
+whence() {
+  d=$1 pci= usb=
+  while [ -n "$d" ] && [ "$d" != "$top" ]; do
+    b=${d##*/}
+    case $b in
+      *:*:*.[0-7]) [ -z "$pci" ] && pci=$b ;;
+      usb[0-9]*|*:*) ;;
+      [0-9]*-[0-9]*) [ -z "$usb" ] && usb=$b ;;
+    esac
+    d=${d%/*}
+  done
+  extra=
+  [ -n "$pci" ] && extra="$extra pci=$pci"
+  [ -n "$usb" ] && extra="$extra usb=$usb"
+}
+
+# drvof PATH: basename of the driver link, or -.
+drvof() { drv=-; if cd -P "$1" 2>/dev/null; then drv=${PWD##*/}; fi; }
+
+# nic_scan: name=interface carrying MAC $want ("" if none); bound=1 when its driver is bound.
+nic_scan() {
+  name= bound=0
+  for n in "$R"/sys/class/net/*; do
+    a=
+    read -r a 2>/dev/null < "$n/address"
+    if [ "$a" = "$want" ]; then
+      name=${n##*/}
+      [ -e "$n/device/driver" ] && bound=1
+      return 0
+    fi
+  done
+}
+
+# serial_at DIR: ok=1 when the identity level at or above DIR carries serial $want.
+# The nearest level with a serial file decides: virtio-blk has block/vdX/serial,
+# SCSI has vpd_pg80 on the scsi_device, USB mass storage has serial on the USB device.
+serial_at() {
+  d=$1 ok=0
+  while [ -n "$d" ] && [ "$d" != "$top" ]; do
+    if [ -f "$d/serial" ]; then
+      s=
+      read -r s 2>/dev/null < "$d/serial"
+      [ "$s" = "$want" ] && ok=1
+      return
+    fi
+    if [ -f "$d/vpd_pg80" ]; then
+      # 4-byte header (type, 0x80, length hi, length lo) then the serial. read drops
+      # NUL bytes; joining lines keeps a newline length byte. The page matches when it
+      # ends with our length byte followed by our serial: serial bytes are printable,
+      # so that pair can only be the header's end.
+      v= l= nl='
+'
+      while IFS= read -r l || [ -n "$l" ]; do v="$v$l$nl"; l=; done 2>/dev/null < "$d/vpd_pg80"
+      v=${v%"$nl"}
+      case $v in *"$lenc$want") ok=1 ;; esac
+      return
+    fi
+    d=${d%/*}
+  done
+}
+
+# disk_scan: name=block device whose serial is $want ("" if none), dev=its physical path.
+disk_scan() {
+  name=
+  for b in "$R"/sys/block/*; do
+    case ${b##*/} in loop*|ram*|zram*|'*') continue ;; esac
+    cd -P "$b" 2>/dev/null || continue
+    dev=$PWD
+    serial_at "$dev"
+    if [ "$ok" = 1 ]; then name=${b##*/}; return 0; fi
+  done
+}
+
+polls=0 last=
+while :; do
+  tick
+  if [ "$kind" = nic ]; then nic_scan; else disk_scan; fi
+  [ -n "$name" ] && last=$name
+  # "start" follows the first look, so once the host has read it the initial state is on
+  # record: a change the host causes afterwards cannot slip in before the watcher looked.
+  [ "$polls" = 0 ] && { end=$((cs + limit)); echo "start $up $$ ${name:--}"; }
+  polls=$((polls + 1))
+  if [ "$present" = 1 ]; then
+    if [ -n "$name" ]; then
+      if [ "$kind" = nic ] && [ "$bound" = 1 ]; then
+        drvof "$R/sys/class/net/$name/device/driver"
+        cd -P "$R/sys/class/net/$name/device" 2>/dev/null && whence "$PWD"
+        echo "found $name $drv $up polls=$polls$extra"
+        exit 0
+      fi
+      if [ "$kind" = disk ]; then
+        drvof "$R/sys/block/$name/device/driver"
+        whence "$dev"
+        scsi=
+        if cd -P "$R/sys/block/$name/device" 2>/dev/null; then
+          case ${PWD##*/} in *:*:*:*) scsi=" scsi=${PWD##*/}" ;; esac
+        fi
+        echo "found $name $drv $up polls=$polls$extra$scsi"
+        exit 0
+      fi
+    fi
+  elif [ -z "$name" ]; then
+    echo "found - - $up polls=$polls${last:+ was=$last}"
+    exit 0
+  fi
+  if [ "$cs" -ge "$end" ]; then
+    echo "timeout $up polls=$polls${last:+ last=$last}"
+    exit 1
+  fi
+  usleep 20000
+done
+"""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """How a device is recognised inside the guest: a NIC by MAC, a disk by serial."""
+
+    kind: Kind
+    value: str
+
+    def __post_init__(self) -> None:
+        if self.kind == "nic":
+            mac = self.value.lower()
+            if not MAC_RE.fullmatch(mac):
+                raise errors.InvalidRequest(f"not a MAC address: {self.value!r}",
+                                            hint="use six hex pairs separated by colons, e.g. 52:54:00:12:34:56")
+            # Sysfs prints MACs in lower case; normalise so the guest-side comparison is exact.
+            object.__setattr__(self, "value", mac)
+        elif self.kind == "disk":
+            if not SERIAL_RE.fullmatch(self.value):
+                raise errors.InvalidRequest(
+                    f"disk serial {self.value!r} cannot be watched for",
+                    hint="a serial of 1 to 20 characters from A-Z a-z 0-9 _ . -",
+                )
+        else:
+            raise errors.InvalidRequest(f"unknown identity kind {self.kind!r} (nic or disk)")
+
+    def describe(self) -> str:
+        return f"NIC with MAC {self.value}" if self.kind == "nic" else f"disk with serial {self.value}"
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the guest showed: its name for the device, the bound driver, and when (guest clock)."""
+
+    name: str  # eth1, vdb, sda; "" when the watch waited for absence
+    driver: str  # nic: virtio_net/e1000...; disk: the block device's driver (virtio_blk, sd) or "-"
+    guest_seconds: float  # guest clock, from the watch's start to the poll that saw the change
+    detail: dict[str, str] = field(default_factory=dict)  # pci, usb, scsi, polls, was (absence)
+
+
+@dataclass(frozen=True)
+class WatchLine:
+    """One parsed line of the watcher's output."""
+
+    word: Literal["start", "found", "timeout"]
+    uptime: float
+    name: str = ""
+    driver: str = "-"
+    pid: int = 0
+    detail: dict[str, str] = field(default_factory=dict)
+
+
+def _uptime(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"bad guest uptime {text!r}") from None
+    if value < 0:
+        raise ValueError(f"bad guest uptime {text!r}")
+    return value
+
+
+def _pairs(tokens: list[str]) -> dict[str, str]:
+    detail: dict[str, str] = {}
+    for token in tokens:
+        key, sep, value = token.partition("=")
+        if not sep or not key:
+            raise ValueError(f"bad detail {token!r}")
+        detail[key] = value
+    return detail
+
+
+def parse_line(line: str) -> WatchLine:
+    """Parse ``start UP PID NAME|-``, ``found NAME DRIVER UP [k=v ...]`` or ``timeout UP [k=v ...]``.
+
+    Raises ValueError on anything else: the script is ours, so other output is a bug to show.
+    """
+    f = line.split()
+    if len(f) == 4 and f[0] == "start" and f[2].isdigit():
+        return WatchLine("start", _uptime(f[1]), name="" if f[3] == "-" else f[3], pid=int(f[2]))
+    if len(f) >= 4 and f[0] == "found":
+        name = "" if f[1] == "-" else f[1]
+        return WatchLine("found", _uptime(f[3]), name=name, driver=f[2], detail=_pairs(f[4:]))
+    if len(f) >= 2 and f[0] == "timeout":
+        return WatchLine("timeout", _uptime(f[1]), detail=_pairs(f[2:]))
+    raise ValueError(f"unexpected line from the guest watcher: {line!r}")
+
+
+def watch_command(identity: Identity, *, present: bool, timeout: float, sysroot: str = "") -> str:
+    """The command line that runs the watcher: the fixed script plus quoted positional arguments."""
+    if not 0 < timeout <= MAX_TIMEOUT:
+        raise errors.InvalidRequest(f"watch timeout must be between 0 and {MAX_TIMEOUT:g} s, not {timeout:g}")
+    centis = max(1, round(timeout * 100))
+    # exec: the watcher itself is the process the SSH server waits on, so its PID is the one to stop.
+    return "exec " + shlex.join(["sh", "-c", WATCH_SCRIPT, "sh", identity.kind, identity.value,
+                                 "1" if present else "0", str(centis), sysroot])
+
+
+class Watch:
+    """A running watcher in the guest; get the outcome with ``result()``, or ``cancel()`` it."""
+
+    def __init__(self, session: GuestSession, channel: paramiko.Channel, identity: Identity, *, present: bool,
+                 timeout: float) -> None:
+        self._session = session
+        self._chan = channel
+        self.identity = identity
+        self.present = present
+        self.timeout = timeout
+        self._buf = b""
+        self._seen: Seen | None = None
+        self._done = False
+        #: Host ``time.monotonic()`` when the watcher's ``start`` line arrived (it was live by then).
+        self.started_at = 0.0
+        #: Guest uptime at that start.
+        self.guest_started = 0.0
+        #: Host ``time.monotonic()`` when the final line arrived (0 until then).
+        self.finished_at = 0.0
+        #: The guest's name for a matching device at the first look ("" if there was none then).
+        self.initial = ""
+        self.pid = 0
+
+    # -- plumbing -------------------------------------------------------
+    def _stderr(self) -> str:
+        chunks: list[bytes] = []
+        try:
+            while self._chan.recv_stderr_ready():
+                chunks.append(self._chan.recv_stderr(4096))
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+        return b"".join(chunks).decode(errors="replace").strip()
+
+    def _readline(self, deadline: float) -> str | None:
+        """Next stdout line, None at end of output; TimeoutError when ``deadline`` passes first."""
+        while b"\n" not in self._buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            self._chan.settimeout(remaining)
+            try:
+                data = self._chan.recv(4096)
+            except TimeoutError:
+                raise TimeoutError from None
+            except (OSError, EOFError, paramiko.SSHException) as exc:
+                raise errors.GuestUnreachable(f"lost the SSH connection to {self._session.target}: {exc}") from exc
+            if not data:
+                if self._buf:
+                    line, self._buf = self._buf, b""
+                    return line.decode(errors="replace")
+                return None
+            self._buf += data
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.decode(errors="replace")
+
+    def _next(self, deadline: float) -> WatchLine:
+        line = self._readline(deadline)
+        if line is None:
+            stderr = self._stderr()
+            status = self._finish()
+            raise errors.GuestCommandFailed(
+                f"the watcher for the {self.identity.describe()} stopped without an answer "
+                f"(exit {status}): {stderr[:300] or 'no error output'}",
+                hint="the guest needs a busybox-compatible sh with usleep and /proc, /sys mounted",
+            )
+        try:
+            return parse_line(line)
+        except ValueError as exc:
+            self.cancel()
+            raise errors.GuestCommandFailed(f"{exc} (stderr: {self._stderr()[:200]})") from exc
+
+    def _finish(self) -> int:
+        """Let the watcher's exit reach us, then close its channel; return its exit status (-1: unknown).
+
+        Closing before the SSH server has reaped the process races dropbear: it can free the
+        channel slot early and later close whichever new channel reused it (seen in the lab
+        as "Channel closed" on the next watch).
+        """
+        self._done = True
+        status = -1
+        if self._chan.status_event.wait(CLOSE_WAIT):
+            status = self._chan.recv_exit_status()
+        self._chan.close()
+        return status
+
+    def _wait_start(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        try:
+            first = self._next(deadline)
+        except TimeoutError:
+            self.cancel()
+            raise errors.Timeout(f"the watcher in guest {self._session.target} did not start within "
+                                 f"{START_TIMEOUT:g} s") from None
+        if first.word != "start":
+            self.cancel()
+            raise errors.GuestCommandFailed(f"the guest watcher printed {first.word!r} before 'start'")
+        self.started_at = time.monotonic()
+        self.guest_started = first.uptime
+        self.initial = first.name
+        self.pid = first.pid
+
+    # -- public ---------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        """True once the watcher has answered, timed out or been cancelled."""
+        return self._done
+
+    def host_time(self, seen: Seen) -> float:
+        """Map a result's guest time onto the host's ``time.monotonic()`` clock (approximate)."""
+        return self.started_at + seen.guest_seconds
+
+    def result(self) -> Seen:
+        """Block until the guest shows the wanted state; raise errors.Timeout if it never does."""
+        if self._seen is not None:
+            return self._seen
+        if self._done:
+            raise errors.InvalidRequest("this watch was cancelled")
+        want = "show" if self.present else "drop"
+        deadline = self.started_at + self.timeout + RESULT_GRACE
+        try:
+            line = self._next(deadline)
+        except TimeoutError:
+            self.cancel()
+            raise errors.Timeout(
+                f"no answer from the guest watcher for the {self.identity.describe()} within "
+                f"{self.timeout + RESULT_GRACE:g} s (host clock)",
+            ) from None
+        self.finished_at = time.monotonic()
+        if line.word == "timeout":
+            self._finish()
+            polls = line.detail.get("polls", "?")
+            if self.present:
+                msg = f"the guest did not show the {self.identity.describe()} within {self.timeout:g} s"
+                if self.identity.kind == "nic" and "last" in line.detail:
+                    msg += f" ({line.detail['last']} has that MAC but no driver bound)"
+            else:
+                held = f" (still {line.detail['last']})" if "last" in line.detail else ""
+                msg = f"the guest did not drop the {self.identity.describe()} within {self.timeout:g} s{held}"
+            raise errors.Timeout(f"{msg}; guest clock, {polls} polls")
+        if line.word != "found":
+            self.cancel()
+            raise errors.GuestCommandFailed(f"the guest watcher printed {line.word!r} while waiting to {want}")
+        self._finish()
+        guest_seconds = max(0.0, round(line.uptime - self.guest_started, 2))
+        self._seen = Seen(line.name, line.driver, guest_seconds, line.detail)
+        return self._seen
+
+    def cancel(self) -> None:
+        """Stop the watcher (idempotent). Closing the channel alone would leave it polling in the guest."""
+        if self._done:
+            return
+        try:
+            if self.pid > 0:
+                self._session.run(["kill", str(self.pid)], timeout=10, check=False)
+        except errors.VhotplugError:
+            pass  # the guest-side loop still ends on its own deadline
+        finally:
+            self._finish()
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.cancel()
+
+
+def start_watch(session: GuestSession, identity: Identity, *, present: bool, timeout: float,
+                sysroot: str = "") -> Watch:
+    """Start the in-guest watcher and return once it is live (its ``start`` line has arrived).
+
+    ``present`` True waits for the device to appear with a driver bound; False waits until
+    the guest has no such device. ``timeout`` (seconds) is enforced by the guest on its own
+    clock. ``sysroot`` is for tests: a directory read in place of / (for /sys and /proc).
+    """
+    command = watch_command(identity, present=present, timeout=timeout, sysroot=sysroot)
+    transport = session.transport()
+    try:
+        channel = transport.open_session(timeout=START_TIMEOUT)
+        channel.exec_command(command)
+    except (OSError, EOFError, paramiko.SSHException) as exc:
+        raise errors.GuestUnreachable(f"cannot start the watcher in guest {session.target}: {exc}") from exc
+    watch = Watch(session, channel, identity, present=present, timeout=timeout)
+    watch._wait_start()
+    return watch
+
+
+def wait_for(session: GuestSession, identity: Identity, *, present: bool, timeout: float,
+             sysroot: str = "") -> Seen:
+    """Start a watch and wait for its result (for when nothing needs doing in between)."""
+    with start_watch(session, identity, present=present, timeout=timeout, sysroot=sysroot) as watch:
+        return watch.result()

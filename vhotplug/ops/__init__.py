@@ -1,0 +1,1 @@
+"""Multi-step operations: attach/verify/rollback and detach/wait/verify."""

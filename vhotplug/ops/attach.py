@@ -1,0 +1,93 @@
+"""Attach a device, then prove it in the guest; roll back if the guest never shows it."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import libvirt
+from lxml import etree
+
+from vhotplug import errors
+from vhotplug.guest.ssh import GuestSession
+from vhotplug.guest.watch import Identity, Seen, start_watch
+from vhotplug.ops.detach import detach_live
+from vhotplug.virt.devices import find_device
+from vhotplug.virt.errors import translate
+
+
+@dataclass(frozen=True)
+class AttachOutcome:
+    alias: str
+    kind: str
+    identity: str
+    address: str  # guest address libvirt gave it ("-" for a config-only attach)
+    libvirt_seconds: float  # the attach call itself
+    guest: Seen | None = None
+    guest_seen_seconds: float | None = None  # attach call -> the guest showed it (guest clock)
+    verified_seconds: float | None = None  # attach call -> vhotplug knew
+
+    def to_dict(self) -> dict[str, object]:
+        doc: dict[str, object] = {
+            "alias": self.alias, "kind": self.kind, "identity": self.identity, "address": self.address,
+            "libvirt_seconds": round(self.libvirt_seconds, 4),
+        }
+        if self.guest is not None:
+            doc["guest"] = {"name": self.guest.name, "driver": self.guest.driver, **self.guest.detail}
+            doc["guest_seen_seconds"] = round(self.guest_seen_seconds or 0.0, 4)
+            doc["verified_seconds"] = round(self.verified_seconds or 0.0, 4)
+        return doc
+
+
+def attach_device(conn: libvirt.virConnect, dom: libvirt.virDomain, device: etree._Element, *, flags: int,
+                  identity: Identity, session: GuestSession | None, timeout: float) -> AttachOutcome:
+    """Attach ``device`` with ``flags``; with a ``session``, wait until the guest shows ``identity``.
+
+    The guest watch starts before the attach (so nothing is missed); if the guest
+    does not show the device in time, the device is detached again and Timeout raised.
+    """
+    xml = etree.tostring(device, encoding="unicode")
+    alias_el = device.find("alias")
+    alias = alias_el.get("name", "") if alias_el is not None else ""
+    watch = start_watch(session, identity, present=True, timeout=timeout) if session else None
+    called = time.monotonic()
+    try:
+        dom.attachDeviceFlags(xml, flags)
+    except libvirt.libvirtError as exc:
+        if watch:
+            watch.cancel()
+        raise translate(exc, f"attaching {device.tag} {alias}") from exc
+    libvirt_seconds = time.monotonic() - called
+    live = bool(flags & libvirt.VIR_DOMAIN_AFFECT_LIVE) or (flags == 0 and dom.isActive())
+    address = "-"
+    if live:
+        with contextlib.suppress(errors.VhotplugError):
+            address = find_device(dom.XMLDesc(0), alias)[0].address
+    if watch is None:
+        return AttachOutcome(alias, device.tag, identity.value, address, libvirt_seconds)
+    try:
+        seen = watch.result()
+    except errors.Timeout as exc:
+        _roll_back(conn, dom, alias, flags, timeout)
+        raise errors.Timeout(
+            f"the guest did not show {device.tag} {alias} ({identity.value}) within {timeout:g} s; "
+            "it was detached again (rolled back)",
+            hint="check the guest's drivers (`vhotplug list DOMAIN --guest`) or raise --timeout",
+        ) from exc
+    verified = time.monotonic() - called
+    seen_after = watch.started_at + seen.guest_seconds - called
+    return AttachOutcome(alias, device.tag, identity.value, address, libvirt_seconds, seen,
+                         max(0.0, seen_after), verified)
+
+
+def _roll_back(conn: libvirt.virConnect, dom: libvirt.virDomain, alias: str, flags: int, timeout: float) -> None:
+    try:
+        detach_live(conn, dom, alias, timeout=timeout)
+        if flags & libvirt.VIR_DOMAIN_AFFECT_CONFIG:
+            dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+    except (errors.VhotplugError, libvirt.libvirtError) as exc:
+        raise errors.VhotplugError(
+            f"the guest did not show {alias} and rolling it back failed too: {exc}",
+            hint=f"the device may still be attached: `vhotplug detach DOMAIN {alias}`",
+        ) from exc

@@ -1,0 +1,139 @@
+"""Detach that really waits: event registered first, never re-sent, confirmed in the live XML and the guest."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import libvirt
+from lxml import etree
+
+from vhotplug import errors
+from vhotplug.guest.ssh import GuestSession
+from vhotplug.guest.watch import Identity, Seen, start_watch
+from vhotplug.virt import pending
+from vhotplug.virt.devices import Device, find_device
+from vhotplug.virt.errors import translate
+from vhotplug.virt.events import DeviceRemovalWaiter
+
+
+@dataclass(frozen=True)
+class DetachOutcome:
+    alias: str
+    kind: str
+    identity: str
+    live: bool
+    config: bool
+    libvirt_seconds: float | None = None  # request -> DEVICE_REMOVED (live)
+    was_pending: bool = False  # an earlier request was still in progress: not re-sent
+    guest: Seen | None = None
+    guest_gone_seconds: float | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        doc: dict[str, object] = {"alias": self.alias, "kind": self.kind, "identity": self.identity,
+                                  "live": self.live, "config": self.config, "was_pending": self.was_pending}
+        if self.libvirt_seconds is not None:
+            doc["libvirt_seconds"] = round(self.libvirt_seconds, 4)
+        if self.guest is not None:
+            doc["guest_gone_seconds"] = round(self.guest_gone_seconds or 0.0, 4)
+        return doc
+
+
+def identity_of(device: Device, element: etree._Element) -> Identity | None:
+    """What the guest can recognise this device by, if anything."""
+    if device.kind == "interface" and device.identity not in ("", "-"):
+        return Identity("nic", device.identity.lower())
+    serial = element.findtext("serial")
+    if device.kind == "disk" and serial:
+        return Identity("disk", serial)
+    return None
+
+
+def detach_live(conn: libvirt.virConnect, dom: libvirt.virDomain, alias: str, *,
+                timeout: float) -> tuple[float, bool]:
+    """Ask the running guest to release ``alias`` and wait for the outcome.
+
+    Returns (seconds until removed, whether an earlier request was still pending).
+    Raises Timeout when the guest did not release it (it is still attached), and
+    LibvirtFailure on DEVICE_REMOVAL_FAILED.
+    """
+    uuid, dom_id = dom.UUIDString(), dom.ID()
+    start = time.monotonic()
+    with DeviceRemovalWaiter(conn, dom, alias) as waiter:  # registered before asking
+        was_pending = pending.pending_since(uuid, dom_id, alias) is not None
+        if not was_pending:
+            pending.record(uuid, dom_id, alias)
+            try:
+                dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            except libvirt.libvirtError as exc:
+                pending.clear(uuid, alias)
+                raise translate(exc, f"detaching {alias}") from exc
+        outcome = waiter.wait(timeout)
+    elapsed = time.monotonic() - start
+    still_there = _still_attached(dom, alias)
+    if outcome == "failed" and still_there:
+        pending.clear(uuid, alias)
+        raise errors.LibvirtFailure(f"the guest refused to release {alias} (DEVICE_REMOVAL_FAILED): "
+                                    "it is still attached")
+    if still_there:
+        raise errors.Timeout(
+            f"the guest did not release {alias} within {timeout:g} s: it is still attached",
+            hint="the request stays pending; `vhotplug detach` again waits for it without re-sending",
+        )
+    pending.clear(uuid, alias)
+    return elapsed, was_pending
+
+
+def _still_attached(dom: libvirt.virDomain, alias: str) -> bool:
+    try:
+        find_device(dom.XMLDesc(0), alias)
+    except errors.DeviceNotFound:
+        return False
+    except libvirt.libvirtError as exc:
+        raise translate(exc) from exc
+    return True
+
+
+def detach_device(conn: libvirt.virConnect, dom: libvirt.virDomain, ref: str, *, live: bool, config: bool,
+                  session: GuestSession | None, timeout: float) -> DetachOutcome:
+    """Detach the device ``ref`` names from the live domain and/or its definition.
+
+    The live part goes first and must succeed before the definition is changed,
+    so a guest that does not let go leaves both as they were.
+    """
+    try:
+        xml = dom.XMLDesc(0 if live else libvirt.VIR_DOMAIN_XML_INACTIVE)
+        config_xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) if config else ""
+    except libvirt.libvirtError as exc:
+        raise translate(exc) from exc
+    device, element = find_device(xml, ref)
+    config_element = None
+    if config:
+        try:
+            config_element = find_device(config_xml, device.alias if live else ref)[1]
+        except errors.DeviceNotFound as exc:
+            raise errors.DeviceNotFound(f"{ref!r} is not in the persistent definition",
+                                        hint="use --live to detach it from the running guest only") from exc
+    identity = identity_of(device, element)
+    libvirt_seconds, was_pending, seen, gone_after = None, False, None, None
+    if live:
+        watch = start_watch(session, identity, present=False, timeout=timeout) if session and identity else None
+        asked = time.monotonic()
+        try:
+            libvirt_seconds, was_pending = detach_live(conn, dom, device.alias, timeout=timeout)
+        except BaseException:
+            if watch:
+                watch.cancel()
+            raise
+        if watch:
+            seen = watch.result()
+            gone_after = max(0.0, watch.started_at + seen.guest_seconds - asked)
+    if config_element is not None:
+        try:
+            dom.detachDeviceFlags(etree.tostring(config_element, encoding="unicode"),
+                                  libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        except libvirt.libvirtError as exc:
+            raise translate(exc, f"removing {device.alias} from the persistent definition") from exc
+    ident = identity.value if identity else device.identity
+    return DetachOutcome(device.alias, device.kind, ident, live, config, libvirt_seconds, was_pending, seen,
+                         gone_after)
