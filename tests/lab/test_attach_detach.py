@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import libvirt
@@ -14,6 +15,8 @@ from tests.lab.conftest import URI
 from vhotplug.errors import ExitCode
 from vhotplug.guest.probe import guest_view
 from vhotplug.guest.ssh import GuestSession
+from vhotplug.guest.watch import Identity, wait_for
+from vhotplug.virt import pending
 
 
 def live_xml(conn: libvirt.virConnect, name: str) -> str:
@@ -34,9 +37,7 @@ def images(tmp_path_factory) -> Path:
     d = Path("/var/lib/vhotplug/test-images") / tmp_path_factory.getbasetemp().name
     d.mkdir(parents=True, exist_ok=True)
     yield d
-    for f in d.iterdir():
-        f.unlink()
-    d.rmdir()
+    shutil.rmtree(d)
 
 
 @pytest.mark.parametrize("model", ["virtio", "e1000"])
@@ -120,6 +121,10 @@ def test_print_xml_changes_nothing(lab, cli, conn):
     assert (live_xml(conn, lab.name), config_xml(conn, lab.name)) == before
 
 
+def pending_record(uuid: str, alias: str) -> Path:
+    return pending.run_dir() / "pending-detach" / f"{uuid}-{alias}.json"
+
+
 def test_guest_that_does_not_release_times_out_honestly(lab, cli, conn):
     dom = conn.lookupByName(lab.name)
     assert cli("-c", URI, "attach", "nic", lab.name, "--id", "stuck", "--mac", "52:54:00:3c:03:01").code == 0
@@ -129,13 +134,22 @@ def test_guest_that_does_not_release_times_out_honestly(lab, cli, conn):
         assert r.code == ExitCode.TIMEOUT
         assert "did not release ua-stuck within 2 s: it is still attached" in r.err
         assert "ua-stuck" in aliases(live_xml(conn, lab.name))
+        record = pending_record(dom.UUIDString(), "ua-stuck").read_text()
+        # Asked again while the first request is pending: it waits, and does not send another.
+        r = cli("-c", URI, "detach", lab.name, "stuck", "--timeout", "1", "--no-verify")
+        assert r.code == ExitCode.TIMEOUT and "not re-sent" in r.err
+        assert pending_record(dom.UUIDString(), "ua-stuck").read_text() == record
+        assert "ua-stuck" in aliases(live_xml(conn, lab.name))
     finally:
         dom.resume()
-    # Again: the pending request is waited for, not re-sent.
+    # The guest completes the one request it got; asking again reports that honestly.
+    with GuestSession(lab.info.target) as s:
+        wait_for(s, Identity("nic", "52:54:00:3c:03:01"), present=False, timeout=30)
     r = cli("-c", URI, "-o", "json", "detach", lab.name, "stuck")
     assert r.code == 0, r.err
     assert r.json()["detached"]["was_pending"] is True
     assert "ua-stuck" not in aliases(live_xml(conn, lab.name))
+    assert not pending_record(dom.UUIDString(), "ua-stuck").exists()
 
 
 REFUSALS = [

@@ -62,7 +62,9 @@ def detach(
         output.json_out({"domain": domain, "detached": outcome.to_dict()})
         return
     parts = []
-    if outcome.live:
+    if outcome.live and outcome.libvirt_seconds is None:
+        parts.append("the guest had already completed an earlier pending request")
+    elif outcome.live:
         note = " (an earlier request was still pending: not re-sent)" if outcome.was_pending else ""
         parts.append(f"released by the guest in {(outcome.libvirt_seconds or 0) * 1000:.0f} ms{note}")
     if outcome.config:

@@ -60,7 +60,8 @@ def detach_live(conn: libvirt.virConnect, dom: libvirt.virDomain, alias: str, *,
     uuid, dom_id = dom.UUIDString(), dom.ID()
     start = time.monotonic()
     with DeviceRemovalWaiter(conn, dom, alias) as waiter:  # registered before asking
-        was_pending = pending.pending_since(uuid, dom_id, alias) is not None
+        since = pending.pending_since(uuid, dom_id, alias)
+        was_pending = since is not None
         if not was_pending:
             pending.record(uuid, dom_id, alias)
             try:
@@ -68,7 +69,10 @@ def detach_live(conn: libvirt.virConnect, dom: libvirt.virDomain, alias: str, *,
             except libvirt.libvirtError as exc:
                 pending.clear(uuid, alias)
                 raise translate(exc, f"detaching {alias}") from exc
-        outcome = waiter.wait(timeout)
+        # An earlier request may have completed before this waiter existed: libvirt
+        # drops the device from the live XML before it emits the event, so a check
+        # made after registering cannot miss it.
+        outcome = "removed" if was_pending and not _still_attached(dom, alias) else waiter.wait(timeout)
     elapsed = time.monotonic() - start
     still_there = _still_attached(dom, alias)
     if outcome == "failed" and still_there:
@@ -76,12 +80,23 @@ def detach_live(conn: libvirt.virConnect, dom: libvirt.virDomain, alias: str, *,
         raise errors.LibvirtFailure(f"the guest refused to release {alias} (DEVICE_REMOVAL_FAILED): "
                                     "it is still attached")
     if still_there:
+        asked = f" (asked {time.time() - since:.0f} s ago, not re-sent)" if since is not None else ""
         raise errors.Timeout(
-            f"the guest did not release {alias} within {timeout:g} s: it is still attached",
+            f"the guest did not release {alias} within {timeout:g} s{asked}: it is still attached",
             hint="the request stays pending; `vhotplug detach` again waits for it without re-sending",
         )
     pending.clear(uuid, alias)
     return elapsed, was_pending
+
+
+def _completed_earlier(dom: libvirt.virDomain, ref: str) -> str | None:
+    """The alias of an earlier pending detach of ``ref`` that the guest has completed since, if any."""
+    uuid, dom_id = dom.UUIDString(), dom.ID()
+    for alias in (ref, f"ua-{ref}"):
+        if pending.pending_since(uuid, dom_id, alias) is not None:
+            pending.clear(uuid, alias)
+            return alias
+    return None
 
 
 def _still_attached(dom: libvirt.virDomain, alias: str) -> bool:
@@ -106,7 +121,13 @@ def detach_device(conn: libvirt.virConnect, dom: libvirt.virDomain, ref: str, *,
         config_xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) if config else ""
     except libvirt.libvirtError as exc:
         raise translate(exc) from exc
-    device, element = find_device(xml, ref)
+    try:
+        device, element = find_device(xml, ref)
+    except errors.DeviceNotFound:
+        done = _completed_earlier(dom, ref) if live else None
+        if done is None:
+            raise
+        return DetachOutcome(done, "device", "-", live=True, config=False, was_pending=True)
     config_element = None
     if config:
         try:
