@@ -109,3 +109,16 @@ def test_lab_print_xml_changes_nothing(cli):
 def test_lab_bad_machine(cli):
     r = cli("lab", "up", "--machine", "isapc", "--print-xml")
     assert r.code == ExitCode.INVALID and "expected q35 or pc" in r.err
+
+
+def test_real_process_exit_codes():
+    """The console entry skips interpreter teardown: exit codes and output must survive that."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "vhotplug", "-c", TEST_URI, "list", "nosuch"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == ExitCode.NOT_FOUND and done.stderr.startswith("vhotplug: error: domain not found")
+    done = subprocess.run([sys.executable, "-m", "vhotplug", "-c", TEST_URI, "-o", "json", "list", "test"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and '"domain": "test"' in done.stdout

@@ -197,7 +197,7 @@ def test_built_image_files(built: tuple[Path, GuestImage]) -> None:
     assert img.kernel == out / f"vmlinuz-{img.kver}" and img.kernel.stat().st_size > 1_000_000
     assert img.initrd == out / "initrd.img"
     assert 0 < img.initrd.stat().st_size < image.MAX_INITRD_BYTES
-    assert img.host_key_pub.startswith("ssh-ed25519 ") and len(img.host_key_pub.split()) == 2
+    assert img.host_key_pub.startswith("ecdsa-sha2-nistp256 ") and len(img.host_key_pub.split()) == 2
     assert (out / "host_key.pub").read_text().strip() == img.host_key_pub
     assert stat.S_IMODE(img.client_key.stat().st_mode) == 0o600
     key = paramiko.ECDSAKey.from_private_key_file(str(img.client_key))
@@ -222,7 +222,7 @@ def test_initramfs_contents(built: tuple[Path, GuestImage]) -> None:
     assert stat.S_IMODE(m["root/.ssh"].mode) == 0o700 and stat.S_IMODE(m["root"].mode) == 0o700
     assert m[f"etc/dropbear/{image.HOST_KEY_NAME}"].data == (built[0] / image.HOST_KEY_NAME).read_bytes()
     assert m["etc/passwd"].data.startswith(b"root:x:0:0:root:/root:/bin/sh")
-    assert b"dropbear -F -E -s -r /etc/dropbear/dropbear_ed25519_host_key -p 22" in m["etc/inittab"].data
+    assert b"dropbear -F -E -s -r /etc/dropbear/dropbear_ecdsa_host_key -p 22" in m["etc/inittab"].data
     order = m[f"lib/modules/{img.kver}/{image.MODULE_ORDER_NAME}"].data.decode().split()
     assert any(p.endswith("/virtio_net.ko") for p in order)
     assert all(p.lstrip("/") in m for p in order)

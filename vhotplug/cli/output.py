@@ -7,11 +7,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import typer
-from tabulate import tabulate
 
 
 def table(rows: Iterable[Mapping[str, Any]], columns: Sequence[tuple[str, str]], *, title: str | None = None) -> None:
     """Print ``rows`` as a table with ``columns`` given as (key, header) pairs."""
+    from tabulate import tabulate  # only table output needs it: JSON callers skip the import
+
     data = [[_cell(row.get(key)) for key, _ in columns] for row in rows]
     if title:
         typer.echo(title)

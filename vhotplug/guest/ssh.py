@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,8 +62,9 @@ class GuestSession:
         else:
             client.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:
+            sock = _open_socket(t, self._timeout)
             client.connect(
-                t.host, port=t.port, username=t.user,
+                t.host, port=t.port, username=t.user, sock=sock,
                 key_filename=str(t.key) if t.key else None,
                 timeout=self._timeout, banner_timeout=self._timeout, auth_timeout=self._timeout,
                 allow_agent=t.key is None, look_for_keys=t.key is None,
@@ -145,6 +147,14 @@ class GuestSession:
         if transport is None or not transport.is_active():
             raise errors.GuestUnreachable(f"the SSH connection to {self.target} is closed")
         return transport
+
+
+def _open_socket(t: SSHTarget, timeout: float) -> socket.socket:
+    """A TCP connection with Nagle off: SSH's many small request/reply packets otherwise
+    meet delayed ACKs, which measured ~40 ms per round trip against the lab guest."""
+    sock = socket.create_connection((t.host, t.port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 class _RecordNewKey(paramiko.MissingHostKeyPolicy):
