@@ -1,15 +1,36 @@
 #!/usr/bin/env bash
-# The main job on the lab: boot the lab guest and show both views of it —
-# libvirt's list of hot-pluggable devices and the guest's own view over SSH.
+# The main job on the lab: boot the lab guest, show the guest's own view, hot-plug a NIC (pinging through it)
+# and disks on three buses, show the guest's view again, then unplug everything and show it is gone.
+# Re-runnable: devices left by an interrupted earlier run are unplugged first.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 vh=$here/.venv/bin/vhotplug
 name=${1:-vhotplug-lab}
+images=/var/lib/vhotplug/demo-images
+ids=(demonic demovirtio demoscsi demousb)
 
-step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
+step() { printf '\n\033[1m$ %s\033[0m\n' "${*#"$here/.venv/bin/"}"; "$@"; }
 
 step "$vh" lab build
 step "$vh" lab up --name "$name"
+for id in "${ids[@]}"; do "$vh" detach "$name" "$id" >/dev/null 2>&1 || true; done
+mkdir -p "$images"
+for bus in virtio scsi usb; do [[ -f $images/$bus.img ]] || truncate -s 64M "$images/$bus.img"; done
+
+echo; echo "=== before: the guest's own view ==="
 step "$vh" list "$name" --guest
+
+echo; echo "=== hot-plug (each one verified inside the guest) ==="
+step "$vh" attach nic "$name" --id demonic --ping 10.0.2.2
+step "$vh" attach disk "$name" "$images/virtio.img" --bus virtio --id demovirtio
+step "$vh" attach disk "$name" "$images/scsi.img" --bus scsi --id demoscsi
+step "$vh" attach disk "$name" "$images/usb.img" --bus usb --id demousb
+
+echo; echo "=== after: the guest's own view ==="
+step "$vh" list "$name" --guest
+
+echo; echo "=== hot-unplug (each one waited for, and checked gone in the guest) ==="
+for id in "${ids[@]}"; do step "$vh" detach "$name" "$id"; done
+step "$vh" list "$name"
 echo
-echo "The lab stays up: \`$vh lab ssh --name $name\` logs in, \`make lab-down\` removes it."
+echo "The lab stays up: \`vhotplug lab ssh --name $name\` logs in, \`make lab-down\` removes it."

@@ -78,6 +78,7 @@ def test_disk_cycle(lab, cli, conn, images, bus, pattern):
     with GuestSession(lab.info.target) as s:
         blocks = {b.name: b for b in guest_view(s).block}
     assert blocks[att["guest"]["name"]].size_bytes == 64 << 20
+    assert blocks[att["guest"]["name"]].serial == f"vh-d{bus}"  # `list --guest` reads it as the watcher matched it
 
     d = cli("-c", URI, "detach", lab.name, f"d{bus}")
     assert d.code == 0, d.err

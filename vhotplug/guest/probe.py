@@ -26,10 +26,22 @@ for n in /sys/class/net/*; do
   [ "${n##*/}" = lo ] && continue
   echo "${n##*/} $(r $n/address) $(r $n/operstate) $(lnk $n/device/driver) $(lnk $n/device)"
 done
+# The disk's serial sits at the nearest level above the block device that has one (the
+# rule guest/watch.py matches by): virtio-blk "serial", SCSI "vpd_pg80" (4-byte header,
+# then the serial), USB mass storage "serial" on its USB device.
+serial_of() {
+  d=$(readlink -f "$1"); s=
+  while [ -n "$d" ] && [ "$d" != /sys/devices ]; do
+    if [ -f "$d/serial" ]; then s=$(r "$d/serial"); break; fi
+    if [ -f "$d/vpd_pg80" ]; then s=$(tail -c +5 "$d/vpd_pg80" | tr -cd '\040-\176'); break; fi
+    d=${d%/*}
+  done
+  [ -n "$s" ] || s=-
+}
 echo '[block]'
 for b in /sys/block/*; do
   case "${b##*/}" in loop*|ram*|zram*) continue ;; esac
-  s=$(r $b/serial); [ -n "$s" ] || s=$(r $b/device/serial); [ -n "$s" ] || s=-
+  serial_of "$b"
   echo "${b##*/} $(r $b/size) $(r $b/ro) $(echo "$s" | tr ' ' '_')"
 done
 echo '[cpu]'
