@@ -23,6 +23,7 @@ class ExitCode(IntEnum):
     GUEST_COMMAND = 9  # a command inside the guest failed
     TIMEOUT = 10  # waited for an outcome that did not come in time
     LAB = 11  # the lab could not be built or booted
+    INCONSISTENT = 12  # libvirt and the guest disagree about the outcome (both states are reported)
     INTERRUPTED = 130  # Ctrl-C
 
 
@@ -92,3 +93,9 @@ class Timeout(VhotplugError):
 
 class LabError(VhotplugError):
     exit_code = ExitCode.LAB
+
+
+class Inconsistent(VhotplugError):
+    """libvirt and the guest disagree about what happened; the message gives both views."""
+
+    exit_code = ExitCode.INCONSISTENT

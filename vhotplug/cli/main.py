@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from vhotplug import __version__
-from vhotplug.cli import attach_cmd, detach_cmd, lab_cmd, list_cmd
+from vhotplug.cli import attach_cmd, detach_cmd, lab_cmd, list_cmd, memory_cmd, vcpu_cmd
 from vhotplug.cli.state import AppState, OutputFormat
 from vhotplug.errors import ExitCode, VhotplugError
 
@@ -59,6 +59,8 @@ def _global(
 app.command("list")(list_cmd.list_devices)
 app.add_typer(attach_cmd.app, name="attach")
 app.command("detach")(detach_cmd.detach)
+app.add_typer(vcpu_cmd.app, name="vcpu")
+app.add_typer(memory_cmd.app, name="memory")
 app.add_typer(lab_cmd.app, name="lab")
 
 
