@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the lab: boot the lab guest, show the guest's own view, hot-plug a NIC (pinging through it)
 # and disks on three buses, show the guest's view again, then unplug everything and show it is gone.
-# Re-runnable: devices left by an interrupted earlier run are unplugged first.
+# Every run boots the lab afresh, so it starts from the same state (an earlier vCPU unplug that QEMU never
+# confirmed would otherwise leave it unfit for DIMMs).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 vh=$here/.venv/bin/vhotplug
@@ -12,8 +13,8 @@ ids=(demonic demovirtio demoscsi demousb)
 step() { printf '\n\033[1m$ %s\033[0m\n' "${*#"$here/.venv/bin/"}"; "$@"; }
 
 step "$vh" lab build
+"$vh" lab down --name "$name" >/dev/null
 step "$vh" lab up --name "$name"
-for id in "${ids[@]}"; do "$vh" detach "$name" "$id" >/dev/null 2>&1 || true; done
 mkdir -p "$images"
 for bus in virtio scsi usb; do [[ -f $images/$bus.img ]] || truncate -s 64M "$images/$bus.img"; done
 
@@ -25,12 +26,23 @@ step "$vh" attach nic "$name" --id demonic --ping 10.0.2.2
 step "$vh" attach disk "$name" "$images/virtio.img" --bus virtio --id demovirtio
 step "$vh" attach disk "$name" "$images/scsi.img" --bus scsi --id demoscsi
 step "$vh" attach disk "$name" "$images/usb.img" --bus usb --id demousb
+step "$vh" memory add "$name" 128M --id demodimm
+step "$vh" vcpu add "$name" 2
 
 echo; echo "=== after: the guest's own view ==="
 step "$vh" list "$name" --guest
 
 echo; echo "=== hot-unplug (each one waited for, and checked gone in the guest) ==="
 for id in "${ids[@]}"; do step "$vh" detach "$name" "$id"; done
-step "$vh" list "$name"
+step "$vh" memory remove "$name" demodimm
+step "$vh" memory balloon "$name" 384M
+step "$vh" list "$name" --guest
+rc=0; step "$vh" vcpu remove "$name" 2 --timeout 8 || rc=$?
+if ((rc == 12)); then
+    echo "(exit 12: the guest ejected the vCPUs but QEMU never confirmed, so libvirt's count is stale — the"
+    echo " disagreement vhotplug reports instead of calling it success; seen with QEMU 7.2 under TCG)"
+elif ((rc != 0)); then
+    exit "$rc"
+fi
 echo
 echo "The lab stays up: \`vhotplug lab ssh --name $name\` logs in, \`make lab-down\` removes it."

@@ -47,7 +47,7 @@ def test_vcpus_up_then_down(cpu_lab, cli, conn):
         st = hotplug.state(s)
     assert st.online == [0, 1, 2] and st.cpuinfo == 3
 
-    r = cli("-c", URI, "-o", "json", "vcpu", "remove", cpu_lab.name)
+    r = cli("-c", URI, "-o", "json", "vcpu", "remove", cpu_lab.name, "--timeout", "8")
     with GuestSession(cpu_lab.target) as s:
         st = hotplug.state(s)
     assert st.online == [0, 1]  # offlined in the guest first, in any case

@@ -11,12 +11,21 @@ import sys
 import traceback
 from typing import Annotated
 
+import libvirt
 import typer
 
 from vhotplug import __version__
-from vhotplug.cli import attach_cmd, detach_cmd, lab_cmd, list_cmd, memory_cmd, vcpu_cmd
+from vhotplug.cli import (
+    attach_cmd,
+    detach_cmd,
+    lab_cmd,
+    list_cmd,
+    memory_cmd,
+    vcpu_cmd,
+)
 from vhotplug.cli.state import AppState, OutputFormat
 from vhotplug.errors import ExitCode, VhotplugError
+from vhotplug.virt.errors import translate
 
 try:  # Typer >= 0.22 vendors its own copy of click
     from typer._click import exceptions as click_exc
@@ -81,6 +90,12 @@ def run(args: list[str]) -> int:
             traceback.print_exc()
         _report(exc)
         return int(exc.exit_code)
+    except libvirt.libvirtError as exc:  # a libvirt error no layer translated: still one line, not a traceback
+        if debug:
+            traceback.print_exc()
+        err = translate(exc)
+        _report(err)
+        return int(err.exit_code)
     except typer.Exit as exc:
         return int(exc.exit_code)
     except click_exc.ClickException as exc:

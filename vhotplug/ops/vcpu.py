@@ -130,10 +130,8 @@ def _shrink(conn: libvirt.virConnect, dom: libvirt.virDomain, cur: int, n: int, 
     if session is not None:
         # The guest lets go first: an online CPU being ejected is the guest's decision to refuse.
         hotplug.set_cpus_online(session, range(n, cur), False)
-    aliases = _unplug_aliases(dom, cur - n)
-    waiters = [DeviceRemovalWaiter(conn, dom, a) for a in aliases]  # registered before asking
-    try:
-        deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout
+    with DeviceRemovalWaiter(conn, dom, *_unplug_aliases(dom, cur - n)) as waiter:  # registered before asking
         try:
             dom.setVcpusFlags(n, libvirt.VIR_DOMAIN_AFFECT_LIVE)
         except libvirt.libvirtError as exc:
@@ -141,11 +139,7 @@ def _shrink(conn: libvirt.virConnect, dom: libvirt.virDomain, cur: int, n: int, 
             if not isinstance(err, errors.Timeout):
                 raise err from exc
             notes.append(f"libvirt: {exc.get_error_message()}")
-            for waiter in waiters:  # QEMU may still finish the unplug: wait for it, bounded
-                waiter.wait(max(0.0, deadline - time.monotonic()))
-    finally:
-        for waiter in waiters:
-            waiter.close()
+            waiter.wait(max(0.0, deadline - time.monotonic()))  # QEMU may still finish: wait, bounded
     libvirt_now = counts(dom, live=True)[0]
     if session is None:
         if libvirt_now != n:

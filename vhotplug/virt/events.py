@@ -36,29 +36,43 @@ def _run() -> None:
 
 
 class DeviceRemovalWaiter:
-    """Waits for DEVICE_REMOVED or DEVICE_REMOVAL_FAILED for one device alias of one domain."""
+    """Waits for DEVICE_REMOVED or DEVICE_REMOVAL_FAILED of one or more device aliases of one domain.
 
-    def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain, alias: str) -> None:
-        self.alias = alias
+    One registration per event for all aliases: libvirt refuses a second registration of
+    the same callback on the same domain ("event callback already tracked").
+    """
+
+    def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain, *aliases: str) -> None:
+        self.aliases = set(aliases)
+        self.outcomes: dict[str, Outcome] = {}
         self._done = threading.Event()
-        self.outcome: Outcome = "timeout"
         self._conn = conn
         self._ids = [
             conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_removed, None),
             conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED, self._on_failed, None),
         ]
 
+    def _record(self, alias: str, outcome: Outcome) -> None:
+        if alias in self.aliases:
+            self.outcomes[alias] = outcome
+            if set(self.outcomes) == self.aliases:
+                self._done.set()
+
     def _on_removed(self, _conn: object, _dom: object, alias: str, _opaque: object) -> None:
-        if alias == self.alias:
-            self.outcome = "removed"
-            self._done.set()
+        self._record(alias, "removed")
 
     def _on_failed(self, _conn: object, _dom: object, alias: str, _opaque: object) -> None:
-        if alias == self.alias:
-            self.outcome = "failed"
-            self._done.set()
+        self._record(alias, "failed")
+
+    @property
+    def outcome(self) -> Outcome:
+        """The worst outcome so far over all aliases: failed, then timeout (still waiting), then removed."""
+        if "failed" in self.outcomes.values():
+            return "failed"
+        return "removed" if set(self.outcomes) == self.aliases else "timeout"
 
     def wait(self, timeout: float) -> Outcome:
+        """Wait until every alias has an outcome, or ``timeout`` seconds; return ``outcome``."""
         self._done.wait(timeout)
         return self.outcome
 
