@@ -6,12 +6,14 @@ The domain name carries the pytest PID, so runs on a reused machine never collid
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import libvirt
 import pytest
+from lxml import etree
 
 from vhotplug.lab import manager
 from vhotplug.lab.manager import LabDomain
@@ -70,3 +72,18 @@ def conn() -> Iterator[libvirt.virConnect]:
     c = open_connection(URI)
     yield c
     c.close()
+
+
+@contextlib.contextmanager
+def stopped_domain(conn: libvirt.virConnect, name: str) -> Iterator[libvirt.virDomain]:
+    """A minimal persistent domain that never runs (no maxMemory, no NUMA), undefined afterwards."""
+    dom = etree.Element("domain", type="qemu")
+    etree.SubElement(dom, "name").text = name
+    etree.SubElement(dom, "memory", unit="MiB").text = "256"
+    os_el = etree.SubElement(dom, "os")
+    etree.SubElement(os_el, "type", arch="x86_64", machine="q35").text = "hvm"
+    defined = conn.defineXML(etree.tostring(dom, encoding="unicode"))
+    try:
+        yield defined
+    finally:
+        defined.undefine()

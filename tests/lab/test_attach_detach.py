@@ -11,7 +11,7 @@ import libvirt
 import pytest
 from lxml import etree
 
-from tests.lab.conftest import URI
+from tests.lab.conftest import URI, stopped_domain
 from vhotplug.errors import ExitCode
 from vhotplug.guest.probe import guest_view
 from vhotplug.guest.ssh import GuestSession
@@ -196,20 +196,11 @@ def test_duplicate_id_refused(lab, cli, conn):
 
 def test_live_on_stopped_domain_refused(lab, cli, conn):
     name = f"{lab.name}-stopped"
-    dom = etree.Element("domain", type="qemu")
-    etree.SubElement(dom, "name").text = name
-    etree.SubElement(dom, "memory", unit="MiB").text = "64"
-    os_el = etree.SubElement(dom, "os")
-    etree.SubElement(os_el, "type", arch="x86_64", machine="q35").text = "hvm"
-    stopped = conn.defineXML(etree.tostring(dom, encoding="unicode"))
-    try:
+    with stopped_domain(conn, name) as stopped:
         before = stopped.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
         r = cli("-c", URI, "attach", "nic", name, "--live")
         assert r.code == ExitCode.INVALID and "--live needs a running domain" in r.err
         assert stopped.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == before
-    finally:
-        stopped.undefine()
-
 
 def test_no_free_root_port_refused(lab, cli, conn):
     """Fill every free pcie-root-port, then one more PCIe NIC is refused naming the controller."""

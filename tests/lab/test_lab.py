@@ -11,7 +11,7 @@ from pathlib import Path
 import libvirt
 from lxml import etree
 
-from tests.lab.conftest import URI, report
+from tests.lab.conftest import URI, report, stopped_domain
 from vhotplug.errors import ExitCode
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.lab.domain import mgmt_mac
@@ -90,20 +90,11 @@ def test_accept_new_host_key_records_it(lab, cli, tmp_path):
 
 def test_refuses_to_touch_a_foreign_domain(lab, cli, conn):
     name = f"{lab.name}-foreign"
-    dom = etree.Element("domain", type="qemu")
-    etree.SubElement(dom, "name").text = name
-    etree.SubElement(dom, "memory", unit="MiB").text = "64"
-    os_el = etree.SubElement(dom, "os")
-    etree.SubElement(os_el, "type", arch="x86_64").text = "hvm"
-    foreign = conn.defineXML(etree.tostring(dom, encoding="unicode"))
-    try:
+    with stopped_domain(conn, name):
         for args in (("lab", "up", "--name", name), ("lab", "down", "--name", name)):
             r = cli("-c", URI, *args)
             assert r.code == ExitCode.INVALID and "not a vhotplug lab domain" in r.err
         assert conn.lookupByName(name).isPersistent()
-    finally:
-        foreign.undefine()
-
 
 def test_pc_machine_boots(request, cli, conn):
     name = f"vhl-pc-{os.getpid()}"

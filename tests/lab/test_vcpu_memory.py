@@ -7,9 +7,8 @@ from collections.abc import Iterator
 
 import libvirt
 import pytest
-from lxml import etree
 
-from tests.lab.conftest import URI, report
+from tests.lab.conftest import URI, report, stopped_domain
 from vhotplug.errors import ExitCode
 from vhotplug.guest import hotplug
 from vhotplug.guest.ssh import GuestSession
@@ -117,21 +116,12 @@ def test_no_free_slot(lab, cli, conn):
 
 def test_domain_without_numa_or_maxmemory_names_prepare(lab, cli, conn):
     name = f"{lab.name}-nomem"
-    dom = etree.Element("domain", type="qemu")
-    etree.SubElement(dom, "name").text = name
-    etree.SubElement(dom, "memory", unit="MiB").text = "256"
-    os_el = etree.SubElement(dom, "os")
-    etree.SubElement(os_el, "type", arch="x86_64", machine="q35").text = "hvm"
-    plain = conn.defineXML(etree.tostring(dom, encoding="unicode"))
-    try:
+    with stopped_domain(conn, name) as plain:
         before = plain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
         r = cli("-c", URI, "memory", "add", name, "128M", "--config")
         assert r.code == ExitCode.INVALID and "no <maxMemory> and a NUMA cell" in r.err
         assert "vhotplug prepare" in r.err
         assert plain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == before
-    finally:
-        plain.undefine()
-
 
 def test_balloon_down_and_back(lab, cli, conn):
     dom = conn.lookupByName(lab.name)

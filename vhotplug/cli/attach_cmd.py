@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-import libvirt
 import typer
 from lxml import etree
 
@@ -35,7 +34,7 @@ from vhotplug.guest.ping import ping_through
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.guest.watch import Identity
 from vhotplug.ops.attach import AttachOutcome, attach_device
-from vhotplug.virt.connection import affect_flags, connection, domain_xml, is_running, lookup_domain
+from vhotplug.virt.connection import connection, domain_xml, is_running, lookup_domain, resolve_affect
 from vhotplug.virt.devices import used_names
 from vhotplug.virt.slots import CONVENTIONAL_MODELS, check_pci_room
 
@@ -73,7 +72,8 @@ def nic(
     st = state(ctx)
     with connection(st.uri) as conn:
         dom = lookup_domain(conn, domain)
-        flags, is_live = _flags(dom, live=live, config=config, current=current, persistent=persistent)
+        affect = resolve_affect(dom, live=live, config=config, current=current, persistent=persistent)
+        flags, is_live = affect.flags, affect.live
         live_xml = domain_xml(dom) if is_running(dom) else ""
         used = used_names(live_xml, domain_xml(dom, inactive=True))
         spec = nic_spec(model=model, network=network, bridge=bridge, user=user, mac=mac, id=id,
@@ -119,7 +119,8 @@ def disk(
     st = state(ctx)
     with connection(st.uri) as conn:
         dom = lookup_domain(conn, domain)
-        flags, is_live = _flags(dom, live=live, config=config, current=current, persistent=persistent)
+        affect = resolve_affect(dom, live=live, config=config, current=current, persistent=persistent)
+        flags, is_live = affect.flags, affect.live
         live_xml = domain_xml(dom) if is_running(dom) else ""
         used = used_names(live_xml, domain_xml(dom, inactive=True))
         spec = disk_spec(path=path, size=size, bus=bus, target=target, readonly=readonly, id=id,
@@ -146,13 +147,6 @@ def disk(
         if spec.create_bytes:
             doc["created_image"] = str(spec.path)
     _report(st.output, dom_name=domain, outcome=outcome, doc=doc)
-
-
-def _flags(dom: libvirt.virDomain, *, live: bool, config: bool, current: bool, persistent: bool) -> tuple[int, bool]:
-    running = is_running(dom)
-    flags = affect_flags(live=live, config=config, current=current, persistent=persistent, running=running)
-    is_live = bool(flags & libvirt.VIR_DOMAIN_AFFECT_LIVE) or (flags == 0 and running)
-    return flags, is_live
 
 
 def _check_disk_room(live_xml: str, spec: DiskSpec) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 from typing import Annotated
 
-import libvirt
 import typer
 
 from vhotplug.cli import output
@@ -25,7 +24,7 @@ from vhotplug.cli.options import (
 )
 from vhotplug.cli.state import OutputFormat, state
 from vhotplug.ops.detach import detach_device
-from vhotplug.virt.connection import affect_flags, connection, is_running, lookup_domain
+from vhotplug.virt.connection import connection, lookup_domain, resolve_affect
 
 
 def detach(
@@ -49,10 +48,8 @@ def detach(
     st = state(ctx)
     with connection(st.uri) as conn:
         dom = lookup_domain(conn, domain)
-        running = is_running(dom)
-        flags = affect_flags(live=live, config=config, current=current, persistent=persistent, running=running)
-        is_live = bool(flags & libvirt.VIR_DOMAIN_AFFECT_LIVE) or (flags == 0 and running)
-        is_config = bool(flags & libvirt.VIR_DOMAIN_AFFECT_CONFIG) or (flags == 0 and not running)
+        affect = resolve_affect(dom, live=live, config=config, current=current, persistent=persistent)
+        is_live, is_config = affect.live, affect.config
         session = open_guest(dom, verify=verify, live=is_live, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
                              accept_new_host_key=accept_new_host_key)
         with session or contextlib.nullcontext():

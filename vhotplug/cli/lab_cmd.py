@@ -45,6 +45,8 @@ def up(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the guest's SSH.")] = 180.0,
     print_xml: Annotated[bool, typer.Option("--print-xml", help="Print the domain XML and change nothing.")]
     = False,
+    plain: Annotated[bool, typer.Option("--plain", help="Define it NOT hotplug-ready (no maxMemory/NUMA cell, "
+                                        "1 vCPU of 1, one free root port): for `vhotplug prepare`.")] = False,
 ) -> None:
     """Define and boot the lab domain, wait until its SSH answers, print the boot time.
 
@@ -54,10 +56,10 @@ def up(
     """
     m, a = _machine(machine), _accel(accel)
     if print_xml:
-        typer.echo(manager.planned_xml(name, machine=m, accel=a), nl=False)
+        typer.echo(manager.planned_xml(name, machine=m, accel=a, plain=plain), nl=False)
         return
     with connection(state(ctx).uri) as conn:
-        result = manager.up(conn, name, machine=m, accel=a, timeout=timeout)
+        result = manager.up(conn, name, machine=m, accel=a, timeout=timeout, plain=plain)
     lab = result.domain
     if state(ctx).output is OutputFormat.json:
         output.json_out({**lab.to_dict(), "boot_seconds": round(result.boot_seconds, 2),
@@ -65,8 +67,9 @@ def up(
     elif result.already_running:
         typer.echo(f"lab domain {lab.name} already running; SSH at {lab.target}")
     else:
-        typer.echo(f"lab domain {lab.name} booted to SSH in {result.boot_seconds:.1f} s ({lab.machine}, "
-                   f"{lab.accel}); SSH at {lab.target}")
+        shape = f"{lab.machine}, {lab.accel}{', plain' if lab.plain else ''}"
+        typer.echo(f"lab domain {lab.name} booted to SSH in {result.boot_seconds:.1f} s ({shape}); "
+                   f"SSH at {lab.target}")
 
 
 @app.command()

@@ -17,10 +17,12 @@ import typer
 from vhotplug import __version__
 from vhotplug.cli import (
     attach_cmd,
+    check_cmd,
     detach_cmd,
     lab_cmd,
     list_cmd,
     memory_cmd,
+    prepare_cmd,
     vcpu_cmd,
 )
 from vhotplug.cli.state import AppState, OutputFormat
@@ -70,6 +72,8 @@ app.add_typer(attach_cmd.app, name="attach")
 app.command("detach")(detach_cmd.detach)
 app.add_typer(vcpu_cmd.app, name="vcpu")
 app.add_typer(memory_cmd.app, name="memory")
+app.command("prepare")(prepare_cmd.prepare)
+app.command("check")(check_cmd.check)
 app.add_typer(lab_cmd.app, name="lab")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 from typing import Annotated
 
-import libvirt
 import typer
 
 from vhotplug import errors, templates
@@ -30,7 +29,7 @@ from vhotplug.devices.dimm import DEFAULT_BLOCK_BYTES, dimm_spec, dimm_xml
 from vhotplug.guest import hotplug
 from vhotplug.ops.memory import add_dimm, balloon, check_room, layout, remove_dimm
 from vhotplug.units import format_size, parse_size
-from vhotplug.virt.connection import affect_flags, connection, domain_xml, is_running, lookup_domain
+from vhotplug.virt.connection import connection, domain_xml, is_running, lookup_domain, resolve_affect
 from vhotplug.virt.devices import used_names
 
 app = typer.Typer(no_args_is_help=True, help="Hot-add/remove memory DIMMs (onlined in the guest) and balloon.")
@@ -56,9 +55,8 @@ def add(
     st = state(ctx)
     with connection(st.uri) as conn:
         dom = lookup_domain(conn, domain)
-        running = is_running(dom)
-        flags = affect_flags(live=live, config=config, current=current, persistent=persistent, running=running)
-        is_live = bool(flags & libvirt.VIR_DOMAIN_AFFECT_LIVE) or (flags == 0 and running)
+        affect = resolve_affect(dom, live=live, config=config, current=current, persistent=persistent)
+        flags, is_live = affect.flags, affect.live
         xml = domain_xml(dom, inactive=not is_live)
         lay = layout(xml)
         session = None if print_xml else open_guest(

@@ -22,6 +22,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 # them there), and so does the pcie-to-pci-bridge: those come on top of the
 # free ports asked for.
 _PCIE_DEVICES = "controller[@type='usb' or @type='scsi'] | memballoon | rng"
+# The "plain" lab is what a typical domain looks like before `vhotplug prepare`: one
+# free root port, no maxMemory, no NUMA cell, no vCPUs to add.
+PLAIN_FREE_ROOT_PORTS = 1
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class LabSpec:
     free_root_ports: int = 8
     memory_mib: int = 512
     image_id: str = ""
+    plain: bool = False  # not hotplug-ready: the domain `vhotplug prepare` is proven on
 
 
 def check_name(name: str) -> str:
@@ -63,6 +67,18 @@ def _controller(devices: etree._Element, index: int, model: str, before: etree._
     before.addprevious(ctl)
 
 
+def _make_plain(root: etree._Element) -> None:
+    """Strip what makes the template hotplug-ready: maxMemory, the NUMA cell, spare vCPUs."""
+    root.remove(root.find("maxMemory"))
+    cpu = root.find("cpu")
+    cpu.remove(cpu.find("numa"))
+    if len(cpu) == 0 and not cpu.attrib:
+        root.remove(cpu)
+    vcpu = root.find("vcpu")
+    vcpu.attrib.pop("current", None)
+    vcpu.text = "1"
+
+
 def build_domain_xml(spec: LabSpec) -> str:
     """The full domain XML for a lab guest."""
     check_name(spec.name)
@@ -82,6 +98,8 @@ def build_domain_xml(spec: LabSpec) -> str:
             el.set("memory", str(spec.memory_mib))
         else:
             el.text = str(spec.memory_mib)
+    if spec.plain:
+        _make_plain(root)
 
     meta = metadata_element(spec.ssh)
     lab = etree.SubElement(meta, f"{{{METADATA_NS}}}lab")
@@ -90,13 +108,16 @@ def build_domain_xml(spec: LabSpec) -> str:
     lab.set("serial-log", str(spec.serial_log))
     if spec.image_id:
         lab.set("image", spec.image_id)
+    if spec.plain:
+        lab.set("plain", "yes")  # `lab up` compares it: a plain lab never stands in for a ready one
     root.find("metadata").append(meta)
 
     devices = root.find("devices")
     first = devices[0]
     if spec.machine == "q35":
         _controller(devices, 0, "pcie-root", first)
-        ports = spec.free_root_ports + len(devices.xpath(_PCIE_DEVICES)) + 1
+        free = PLAIN_FREE_ROOT_PORTS if spec.plain else spec.free_root_ports
+        ports = free + len(devices.xpath(_PCIE_DEVICES)) + 1
         for index in range(1, ports + 1):
             _controller(devices, index, "pcie-root-port", first)
         _controller(devices, ports + 1, "pcie-to-pci-bridge", first)

@@ -47,10 +47,12 @@ class LabDomain:
     machine: str
     accel: str
     serial_log: str
+    plain: bool = False  # defined without hot-plug room (`lab up --plain`)
 
     def to_dict(self) -> dict[str, object]:
         return {
             "name": self.name, "state": self.state, "machine": self.machine, "accel": self.accel,
+            "plain": self.plain,
             "ssh": str(self.target) if self.target else None,
             "key": str(self.target.key) if self.target and self.target.key else None,
             "known_hosts": str(self.target.known_hosts) if self.target and self.target.known_hosts else None,
@@ -85,7 +87,7 @@ def _lab_info(dom: libvirt.virDomain) -> LabDomain | None:
     if not lab:
         return None
     return LabDomain(dom.name(), state, target_from_metadata(root), lab[0].get("machine", "?"),
-                     lab[0].get("accel", "?"), lab[0].get("serial-log", ""))
+                     lab[0].get("accel", "?"), lab[0].get("serial-log", ""), plain=lab[0].get("plain") == "yes")
 
 
 def list_labs(conn: libvirt.virConnect) -> list[LabDomain]:
@@ -145,15 +147,15 @@ def build(*, kver: str | None = None, force: bool = False) -> lab_image.GuestIma
 
 
 def _spec(name: str, machine: Machine, accel: Accel, kernel: Path, initrd: Path, key: Path,
-          image_id: str) -> LabSpec:
+          image_id: str, plain: bool = False) -> LabSpec:
     ddir = domain_dir(name)
     # The forward is chosen now, free at this moment; SSH is bound to loopback only.
     target = SSHTarget("127.0.0.1", free_port(), "root", key, ddir / "known_hosts", source="lab metadata")
     return LabSpec(name=name, kernel=kernel, initrd=initrd, serial_log=ddir / "serial.log", ssh=target,
-                   machine=machine, accel=accel, image_id=image_id)
+                   machine=machine, accel=accel, image_id=image_id, plain=plain)
 
 
-def planned_xml(name: str, *, machine: Machine, accel: Accel) -> str:
+def planned_xml(name: str, *, machine: Machine, accel: Accel, plain: bool = False) -> str:
     """The domain XML ``up`` would define, without building anything or touching libvirt."""
     try:
         img = lab_image.load_image(image_dir())
@@ -161,7 +163,7 @@ def planned_xml(name: str, *, machine: Machine, accel: Accel) -> str:
     except errors.LabError:  # not built yet: show where the files will be
         d = image_dir()
         kernel, initrd, key, kver = d / "vmlinuz", d / "initrd.img", d / "id_lab", ""
-    return build_domain_xml(_spec(check_name(name), machine, accel, kernel, initrd, key, kver))
+    return build_domain_xml(_spec(check_name(name), machine, accel, kernel, initrd, key, kver, plain))
 
 
 def down(conn: libvirt.virConnect, name: str) -> bool:
@@ -182,20 +184,25 @@ def down(conn: libvirt.virConnect, name: str) -> bool:
 
 
 def up(conn: libvirt.virConnect, name: str = DEFAULT_NAME, *, machine: Machine = "q35", accel: Accel = "qemu",
-       timeout: float = 180.0, kver: str | None = None) -> UpResult:
-    """Boot lab domain ``name`` (building what is missing) and wait until its SSH answers."""
+       timeout: float = 180.0, kver: str | None = None, plain: bool = False) -> UpResult:
+    """Boot lab domain ``name`` (building what is missing) and wait until its SSH answers.
+
+    ``plain`` defines it without hot-plug room (no maxMemory/NUMA cell, 1 vCPU of 1,
+    one free root port): the domain ``vhotplug prepare`` is proven on.
+    """
     check_name(name)
     img = build(kver=kver)
     dom = _find(conn, name)
     if dom is not None:
         info = _require_lab(dom)
-        if info.state == "running" and info.target and info.machine == machine and info.accel == accel:
+        same_shape = info.machine == machine and info.accel == accel and info.plain == plain
+        if info.state == "running" and info.target and same_shape:
             with contextlib.suppress(errors.GuestUnreachable, errors.Timeout, errors.GuestHostKeyError):
                 wait_for_ssh(info.target, deadline=time.monotonic() + 5)
                 return UpResult(info, 0.0, already_running=True)
         down(conn, name)  # stale, unreachable or different shape: start afresh
 
-    spec = _spec(name, machine, accel, img.kernel, img.initrd, img.client_key, img.kver)
+    spec = _spec(name, machine, accel, img.kernel, img.initrd, img.client_key, img.kver, plain)
     domain_dir(name).mkdir(parents=True, exist_ok=True)
     spec.serial_log.unlink(missing_ok=True)
     assert spec.ssh.known_hosts is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import libvirt
 
@@ -104,3 +105,22 @@ def is_running(dom: libvirt.virDomain) -> bool:
         return bool(dom.isActive())
     except libvirt.libvirtError as exc:
         raise translate(exc) from exc
+
+
+@dataclass(frozen=True)
+class Affect:
+    """What a change touches: the libvirt flags, and whether that means the live domain and/or its definition."""
+
+    flags: int
+    live: bool
+    config: bool
+
+
+def resolve_affect(dom: libvirt.virDomain, *, live: bool, config: bool, current: bool,
+                   persistent: bool = False) -> Affect:
+    """``affect_flags`` for ``dom``'s state, with ``--current`` (flags 0) spelled out as live or config."""
+    running = is_running(dom)
+    flags = affect_flags(live=live, config=config, current=current, persistent=persistent, running=running)
+    return Affect(flags,
+                  live=bool(flags & libvirt.VIR_DOMAIN_AFFECT_LIVE) or (flags == 0 and running),
+                  config=bool(flags & libvirt.VIR_DOMAIN_AFFECT_CONFIG) or (flags == 0 and not running))
