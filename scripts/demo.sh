@@ -18,6 +18,7 @@ step "$vh" lab up --name "$name"
 mkdir -p "$images"
 for bus in virtio scsi usb; do [[ -f $images/$bus.img ]] || truncate -s 64M "$images/$bus.img"; done
 
+step "$vh" check "$name"
 echo; echo "=== before: the guest's own view ==="
 step "$vh" list "$name" --guest
 

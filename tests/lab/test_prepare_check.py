@@ -15,6 +15,7 @@ import pytest
 from lxml import etree
 
 from tests.lab.conftest import URI, report
+from vhotplug.errors import ExitCode
 from vhotplug.guest.ssh import wait_for_ssh
 from vhotplug.guest.target import target_from_metadata
 from vhotplug.virt.slots import pci_room
@@ -112,15 +113,27 @@ def test_prepare_makes_a_plain_domain_hotplug_ready(cli, conn, request):
             assert r[item]["status"] == "ok" and r[item]["facts"]["source"] == "sysfs", r[item]
         assert r["guest-cpu"]["facts"]["cpus_possible"] == "0-3"  # the guest kernel sees the new maximum
 
-        # -- the hot-adds the plain domain refused now succeed --------------------------
-        dom.setVcpusFlags(2, LIVE)
-        dom.attachDeviceFlags(DIMM, LIVE)
-        live = xml(dom)
-        assert vcpu(live) == ("2", "4")
-        assert len(live.findall("devices/memory[@model='dimm']")) == 1
+        # -- issue 4's acceptance sequence, with vhotplug's own commands, on the prepared domain --
+        v = cli("-c", URI, "-o", "json", "vcpu", "set", name, "3")
+        assert v.code == 0, v.err
+        assert v.json()["vcpus"]["guest"] == {"online": "0-2", "cpuinfo": 3}
+        assert dom.vcpusFlags(LIVE) == 3
+        m = cli("-c", URI, "-o", "json", "memory", "add", name, "128M", "--id", "prep")
+        assert m.code == 0, m.err
+        g = m.json()["memory_added"]["guest"]
+        assert g["memtotal_after_kib"] - g["memtotal_before_kib"] == 128 * 1024
         r = rows(cli, name)
-        assert r["vcpu"]["facts"] == {"current": 2, "max": 4, "room": 2}
+        assert r["vcpu"]["facts"] == {"current": 3, "max": 4, "room": 1}
         assert r["memory"]["facts"]["slots_used"] == 1 and r["memory"]["facts"]["slots_free"] == 3
+        m = cli("-c", URI, "-o", "json", "memory", "remove", name, "prep")
+        assert m.code == 0, m.err
+        g = m.json()["memory_removed"]["guest"]
+        assert g["memtotal_before_kib"] - g["memtotal_after_kib"] == 128 * 1024
+        b = cli("-c", URI, "-o", "json", "memory", "balloon", name, "384M")
+        assert b.code == 0, b.err
+        assert b.json()["balloon"]["guest_memtotal_after_kib"] < b.json()["balloon"]["guest_memtotal_before_kib"]
+        v = cli("-c", URI, "vcpu", "set", name, "2", "--timeout", "8")
+        assert v.code in (0, ExitCode.INCONSISTENT), v.err  # 12: QEMU 7.2/TCG never confirms a vCPU unplug
     finally:
         down = cli("-c", URI, "lab", "down", "--name", name)
         report(request.config, f"lab {name}: prepare/check test took {time.monotonic() - started:.1f} s "
