@@ -221,3 +221,27 @@ def test_no_free_root_port_refused(lab, cli, conn):
     finally:
         for dev in added:
             assert cli("-c", URI, "detach", lab.name, dev, "--no-verify").code == 0
+
+
+def test_persistent_detach_of_a_device_without_user_alias(lab, cli, conn):
+    """libvirt's own aliases (net1) live only in the live XML: the definition's copy is found by MAC."""
+    dom = conn.lookupByName(lab.name)
+    mac = "52:54:00:3c:04:01"
+    iface = etree.Element("interface", type="user")
+    etree.SubElement(iface, "mac", address=mac)
+    etree.SubElement(iface, "model", type="virtio")
+    dom.attachDeviceFlags(etree.tostring(iface, encoding="unicode"),
+                          libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+    live, config = xml_macs(conn, lab.name)
+    assert mac in live and mac in config
+    r = cli("-c", URI, "-o", "json", "detach", lab.name, mac, "--persistent")
+    assert r.code == 0, r.err
+    assert r.json()["detached"]["live"] and r.json()["detached"]["config"]
+    assert r.json()["detached"]["alias"].startswith("net")
+    live, config = xml_macs(conn, lab.name)
+    assert mac not in live and mac not in config
+
+
+def xml_macs(conn: libvirt.virConnect, name: str) -> tuple[set[str], set[str]]:
+    return tuple(set(etree.fromstring(x.encode()).xpath("devices/interface/mac/@address"))  # type: ignore[return-value]
+                 for x in (live_xml(conn, name), config_xml(conn, name)))

@@ -89,6 +89,15 @@ def detach_live(conn: libvirt.virConnect, dom: libvirt.virDomain, alias: str, *,
     return elapsed, was_pending
 
 
+def _find_first(xml: str, refs: list[str]) -> etree._Element:
+    for ref in refs:
+        try:
+            return find_device(xml, ref)[1]
+        except errors.DeviceNotFound:
+            continue
+    raise errors.DeviceNotFound(f"none of {refs} found")
+
+
 def _completed_earlier(dom: libvirt.virDomain, ref: str) -> str | None:
     """The alias of an earlier pending detach of ``ref`` that the guest has completed since, if any."""
     uuid, dom_id = dom.UUIDString(), dom.ID()
@@ -130,8 +139,11 @@ def detach_device(conn: libvirt.virConnect, dom: libvirt.virDomain, ref: str, *,
         return DetachOutcome(done, "device", "-", live=True, config=False, was_pending=True)
     config_element = None
     if config:
+        # Only user aliases (ua-*) are stored in the definition; libvirt's own (net0) are live-only,
+        # so the definition's copy is found by alias first, then by what identifies it (MAC, target).
+        refs = [device.alias, device.identity] if live else [ref]
         try:
-            config_element = find_device(config_xml, device.alias if live else ref)[1]
+            config_element = _find_first(config_xml, [r for r in refs if r not in ("", "-")])
         except errors.DeviceNotFound as exc:
             raise errors.DeviceNotFound(f"{ref!r} is not in the persistent definition",
                                         hint="use --live to detach it from the running guest only") from exc
