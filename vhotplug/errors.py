@@ -24,6 +24,7 @@ class ExitCode(IntEnum):
     TIMEOUT = 10  # waited for an outcome that did not come in time
     LAB = 11  # the lab could not be built or booted
     INCONSISTENT = 12  # libvirt and the guest disagree about the outcome (both states are reported)
+    BUSY = 13  # another vhotplug process holds the domain or host device (its PID is named)
     INTERRUPTED = 130  # Ctrl-C
 
 

@@ -19,6 +19,7 @@ from vhotplug.cli import (
     attach_cmd,
     check_cmd,
     detach_cmd,
+    host_cmd,
     lab_cmd,
     list_cmd,
     memory_cmd,
@@ -75,6 +76,7 @@ app.add_typer(memory_cmd.app, name="memory")
 app.command("prepare")(prepare_cmd.prepare)
 app.command("check")(check_cmd.check)
 app.add_typer(lab_cmd.app, name="lab")
+app.add_typer(host_cmd.app, name="host")
 
 
 def _report(exc: VhotplugError) -> None:
