@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from vhotplug.cli import output
 from vhotplug.cli.state import OutputFormat, state
-from vhotplug.host import inventory
-from vhotplug.host.inventory import HostDevice, HostInventory
 from vhotplug.virt.connection import connection
+
+if TYPE_CHECKING:
+    from vhotplug.host.inventory import HostDevice, HostInventory
 
 app = typer.Typer(no_args_is_help=True, help="The host's PCI and USB devices: IOMMU groups and who uses them.")
 
@@ -39,6 +40,8 @@ def list_host(
     if not pci and not usb:
         pci = usb = True
     with connection(st.uri) as conn:
+        from vhotplug.host import inventory  # host-side code only for host commands
+
         inv = inventory.host_inventory(conn, pci=pci, usb=usb)
     if st.output is OutputFormat.json:
         output.json_out(inv.to_dict())

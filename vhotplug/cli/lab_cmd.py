@@ -11,7 +11,7 @@ import typer
 from vhotplug import errors
 from vhotplug.cli import output
 from vhotplug.cli.state import OutputFormat, state
-from vhotplug.lab import manager
+from vhotplug.lab import DEFAULT_NAME
 from vhotplug.lab.domain import Accel, Machine
 from vhotplug.virt.connection import connection
 
@@ -28,6 +28,8 @@ def build(
     = False,
 ) -> None:
     """Build the lab guest image: Debian kernel + busybox/dropbear initramfs."""
+    from vhotplug.lab import manager  # the lab's machinery only for lab commands
+
     img = manager.build(kver=kver, force=force)
     if state(ctx).output is OutputFormat.json:
         output.json_out({"kver": img.kver, "kernel": str(img.kernel), "initrd": str(img.initrd)})
@@ -39,7 +41,7 @@ def build(
 @app.command()
 def up(
     ctx: typer.Context,
-    name: NameOpt = manager.DEFAULT_NAME,
+    name: NameOpt = DEFAULT_NAME,
     machine: Annotated[str, typer.Option(help="Machine type: q35 (PCIe root ports) or pc (i440fx).")] = "q35",
     accel: Annotated[str, typer.Option(help="Domain type: qemu (TCG, works everywhere) or kvm.")] = "qemu",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the guest's SSH.")] = 180.0,
@@ -54,6 +56,8 @@ def up(
     replaced. How to reach the guest is recorded in the domain's <metadata>, so
     every vhotplug command finds it.
     """
+    from vhotplug.lab import manager  # the lab's machinery only for lab commands
+
     m, a = _machine(machine), _accel(accel)
     if print_xml:
         typer.echo(manager.planned_xml(name, machine=m, accel=a, plain=plain), nl=False)
@@ -73,8 +77,10 @@ def up(
 
 
 @app.command()
-def down(ctx: typer.Context, name: NameOpt = manager.DEFAULT_NAME) -> None:
+def down(ctx: typer.Context, name: NameOpt = DEFAULT_NAME) -> None:
     """Stop and undefine the lab domain (only domains vhotplug's lab created)."""
+    from vhotplug.lab import manager  # the lab's machinery only for lab commands
+
     with connection(state(ctx).uri) as conn:
         removed = manager.down(conn, name)
     typer.echo(f"lab domain {name} removed" if removed else f"no lab domain {name}")
@@ -83,6 +89,8 @@ def down(ctx: typer.Context, name: NameOpt = manager.DEFAULT_NAME) -> None:
 @app.command()
 def status(ctx: typer.Context, name: Annotated[str | None, typer.Option("--name", "-n")] = None) -> None:
     """Show lab domains: state, machine, and how to reach them."""
+    from vhotplug.lab import manager  # the lab's machinery only for lab commands
+
     with connection(state(ctx).uri) as conn:
         labs = manager.status(conn, name)
     rows = [lab.to_dict() for lab in labs]
@@ -94,8 +102,10 @@ def status(ctx: typer.Context, name: Annotated[str | None, typer.Option("--name"
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def ssh(ctx: typer.Context, name: NameOpt = manager.DEFAULT_NAME) -> None:
+def ssh(ctx: typer.Context, name: NameOpt = DEFAULT_NAME) -> None:
     """Open a shell in the lab guest (extra arguments run as a command), host key checked."""
+    from vhotplug.lab import manager  # the lab's machinery only for lab commands
+
     with connection(state(ctx).uri) as conn:
         lab = manager.status(conn, name)[0]
     if lab.target is None or lab.target.key is None or lab.target.known_hosts is None:

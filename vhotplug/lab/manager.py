@@ -19,11 +19,10 @@ from lxml import etree
 from vhotplug import errors
 from vhotplug.guest.ssh import wait_for_ssh
 from vhotplug.guest.target import METADATA_NS, SSHTarget, target_from_metadata
+from vhotplug.lab import DEFAULT_NAME
 from vhotplug.lab import image as lab_image
 from vhotplug.lab.domain import Accel, LabSpec, Machine, build_domain_xml, check_name
 from vhotplug.virt.errors import translate
-
-DEFAULT_NAME = "vhotplug-lab"
 
 
 def lab_root() -> Path:
