@@ -14,7 +14,7 @@ PY=${PYTHON:-python3}
 
 PKGS=(libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3-dev
       qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu
-      linux-image-amd64 busybox-static dropbear-bin kmod cpio openssh-client)
+      linux-image-amd64 busybox-static dropbear-bin kmod cpio openssh-client iproute2)
 
 log() { printf 'setup: %s\n' "$*"; }
 
