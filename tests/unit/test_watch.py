@@ -219,6 +219,7 @@ class LocalChannel:
         self._timeout: float | None = None
         self.command = ""
         self.closed = False
+        self._stderr_drained = False
 
     def exec_command(self, command: str) -> None:
         # What an SSH server does with an exec request: hand the string to the user's shell.
@@ -239,11 +240,15 @@ class LocalChannel:
         return os.read(self.proc.stdout.fileno(), nbytes)
 
     def recv_stderr_ready(self) -> bool:
+        # Like paramiko: true only while unread data is there (a pipe at EOF also selects readable).
         assert self.proc.stderr is not None
-        return bool(select.select([self.proc.stderr], [], [], 0)[0]) and self.proc.poll() is not None
+        if self._stderr_drained or self.proc.poll() is None:
+            return False
+        return bool(select.select([self.proc.stderr], [], [], 0)[0])
 
     def recv_stderr(self, nbytes: int) -> bytes:
         assert self.proc.stderr is not None
+        self._stderr_drained = True  # read() below takes everything up to EOF
         return self.proc.stderr.read()
 
     def exit_status_ready(self) -> bool:
@@ -630,3 +635,23 @@ def test_ping_refuses_bad_arguments_before_running_anything(iface, addr, count):
     with pytest.raises(errors.InvalidRequest):
         ping_through(s, iface, addr, count=count)
     assert s.ran == []
+
+
+def test_stderr_reader_stops_at_end_of_stream():
+    """A channel that keeps saying "ready" at EOF (empty reads) must not make vhotplug spin."""
+    from types import SimpleNamespace
+
+    from vhotplug.guest.watch import Watch
+
+    class EofChannel:
+        reads = 0
+
+        def recv_stderr_ready(self) -> bool:
+            return True
+
+        def recv_stderr(self, nbytes: int) -> bytes:
+            self.reads += 1
+            assert self.reads < 5, "kept reading past the end of stderr"
+            return b"oops\n" if self.reads == 1 else b""
+
+    assert Watch._stderr(SimpleNamespace(_chan=EofChannel())) == "oops"  # type: ignore[arg-type]

@@ -307,7 +307,10 @@ class Watch:
         chunks: list[bytes] = []
         try:
             while self._chan.recv_stderr_ready():
-                chunks.append(self._chan.recv_stderr(4096))
+                data = self._chan.recv_stderr(4096)
+                if not data:  # end of the stream: never loop on an empty read
+                    break
+                chunks.append(data)
         except (OSError, EOFError, paramiko.SSHException):
             pass
         return b"".join(chunks).decode(errors="replace").strip()
