@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -56,9 +57,37 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             terminalreporter.write_line(line)
 
 
+_TEST_LAB = re.compile(r"^vhl-(?:test|cpu|pc|plain)-(\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_test_labs(conn: libvirt.virConnect) -> list[str]:
+    """Lab domains left by a test run that was killed (its pytest PID is gone): a reused machine keeps them."""
+    removed = []
+    for lab in manager.list_labs(conn):
+        m = _TEST_LAB.match(lab.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            manager.down(conn, lab.name)
+            removed.append(lab.name)
+    return removed
+
+
 @pytest.fixture(scope="session")
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     name = f"vhl-test-{os.getpid()}"
+    with connection(URI) as conn:
+        stale = remove_stale_test_labs(conn)
+    if stale:
+        report(request.config, f"\nremoved lab domains left by killed test runs: {', '.join(stale)}")
     with connection(URI) as conn:
         result = manager.up(conn, name, timeout=300)
     report(request.config, f"\nlab {name}: booted to SSH in {result.boot_seconds:.1f} s (q35, TCG)")

@@ -11,9 +11,10 @@ from pathlib import Path
 import libvirt
 from lxml import etree
 
-from tests.lab.conftest import URI, report, stopped_domain
+from tests.lab.conftest import URI, remove_stale_test_labs, report, stopped_domain
 from vhotplug.errors import ExitCode
 from vhotplug.guest.ssh import GuestSession
+from vhotplug.lab import manager
 from vhotplug.lab.domain import mgmt_mac
 
 VHOTPLUG = [sys.executable, "-m", "vhotplug"]
@@ -114,3 +115,20 @@ def test_pc_machine_boots(request, cli, conn):
         raise AssertionError("lab down left the domain defined")
     except libvirt.libvirtError as exc:
         assert exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
+
+
+def test_stale_test_labs_of_killed_runs_are_removed(conn):
+    """A reused machine may keep lab domains of a killed test run: they go, live runs' domains stay."""
+    dead = subprocess.Popen(["true"])  # a PID that has certainly exited
+    dead.wait()
+    names = {"dead": f"vhl-test-{dead.pid}", "live": "vhl-test-1"}  # PID 1 is always alive
+    for name in names.values():
+        conn.defineXML(manager.planned_xml(name, machine="q35", accel="qemu"))
+    try:
+        removed = remove_stale_test_labs(conn)
+        assert names["dead"] in removed and names["live"] not in removed
+        assert names["live"] in {d.name() for d in conn.listAllDomains(0)}
+        assert names["dead"] not in {d.name() for d in conn.listAllDomains(0)}
+    finally:
+        for name in names.values():
+            manager.down(conn, name)
