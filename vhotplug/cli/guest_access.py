@@ -26,7 +26,8 @@ def open_guest(dom: libvirt.virDomain, *, verify: bool | None, live: bool, ssh: 
             raise errors.InvalidRequest("--verify checks the running guest: it needs a live change",
                                         hint="drop --verify, or use --live/--persistent on a running domain")
         return None
-    if verify is None and not ssh and target_from_metadata(dom.XMLDesc(0)) is None:
+    recorded = None if ssh else target_from_metadata(dom.XMLDesc(0))
+    if verify is None and not ssh and recorded is None:
         return None
-    target = resolve_target(dom, ssh=ssh, key=ssh_key, known_hosts=known_hosts)
+    target = resolve_target(dom, ssh=ssh, key=ssh_key, known_hosts=known_hosts, metadata=recorded)
     return GuestSession(target, accept_new_host_key=accept_new_host_key).connect()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -33,15 +34,15 @@ CountArg = Annotated[int, typer.Argument(help="How many vCPUs to add or remove."
 
 def _run(ctx: typer.Context, domain: str, *, target: int | None, delta: int, live: bool, config: bool,
          current: bool, persistent: bool, verify: bool | None, timeout: float, ssh: str | None,
-         ssh_key: object, known_hosts: object, accept_new_host_key: bool) -> None:
+         ssh_key: Path | None, known_hosts: Path | None, accept_new_host_key: bool) -> None:
     st = state(ctx)
     with connection(st.uri) as conn:
         dom = lookup_domain(conn, domain)
         affect = resolve_affect(dom, live=live, config=config, current=current, persistent=persistent)
         is_live, is_config = affect.live, affect.config
         n = target if target is not None else counts(dom, live=is_live)[0] + delta
-        session = open_guest(dom, verify=verify, live=is_live, ssh=ssh, ssh_key=ssh_key,  # type: ignore[arg-type]
-                             known_hosts=known_hosts, accept_new_host_key=accept_new_host_key)  # type: ignore[arg-type]
+        session = open_guest(dom, verify=verify, live=is_live, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
+                             accept_new_host_key=accept_new_host_key)
         with session or contextlib.nullcontext():
             outcome = set_vcpus(conn, dom, n, live=is_live, config=is_config, session=session, timeout=timeout)
     _report(st.output, domain, outcome)

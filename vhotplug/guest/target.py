@@ -134,16 +134,20 @@ def target_from_interfaces(dom: libvirt.virDomain) -> SSHTarget | None:
 
 
 def resolve_target(dom: libvirt.virDomain, *, ssh: str | None, key: Path | None,
-                   known_hosts: Path | None) -> SSHTarget:
-    """Decide where to reach the guest of ``dom``; raise GuestUnreachable when nothing says."""
+                   known_hosts: Path | None, metadata: SSHTarget | None = None) -> SSHTarget:
+    """Decide where to reach the guest of ``dom``; raise GuestUnreachable when nothing says.
+
+    ``metadata``: the target already read from the domain's metadata, if the caller has it.
+    """
     if ssh:
         target = parse_ssh_spec(ssh)
     else:
-        try:
-            xml = dom.XMLDesc(0)
-        except libvirt.libvirtError:
-            xml = None
-        target = (target_from_metadata(xml) if xml else None) or target_from_interfaces(dom)
+        if metadata is None:
+            try:
+                metadata = target_from_metadata(dom.XMLDesc(0))
+            except libvirt.libvirtError:
+                metadata = None
+        target = metadata or target_from_interfaces(dom)
         if target is None:
             raise errors.GuestUnreachable(
                 f"do not know how to reach the guest of {dom.name()} over SSH",

@@ -62,7 +62,7 @@ def kernel_cmdline(mac: str) -> str:
     return f"console=ttyS0 edd=off quiet memhp_default_state=offline vhotplug.mgmt_mac={mac}"
 
 
-def _controller(devices: etree._Element, index: int, model: str, before: etree._Element) -> None:
+def _controller(index: int, model: str, before: etree._Element) -> None:
     ctl = etree.Element("controller", type="pci", index=str(index), model=model)
     before.addprevious(ctl)
 
@@ -115,15 +115,15 @@ def build_domain_xml(spec: LabSpec) -> str:
     devices = root.find("devices")
     first = devices[0]
     if spec.machine == "q35":
-        _controller(devices, 0, "pcie-root", first)
+        _controller(0, "pcie-root", first)
         free = PLAIN_FREE_ROOT_PORTS if spec.plain else spec.free_root_ports
         ports = free + len(devices.xpath(_PCIE_DEVICES)) + 1
         for index in range(1, ports + 1):
-            _controller(devices, index, "pcie-root-port", first)
-        _controller(devices, ports + 1, "pcie-to-pci-bridge", first)
+            _controller(index, "pcie-root-port", first)
+        _controller(ports + 1, "pcie-to-pci-bridge", first)
         nic_addr = "bus=pcie.0,addr=0x1e"
     else:
-        _controller(devices, 0, "pci-root", first)
+        _controller(0, "pci-root", first)
         nic_addr = "bus=pci.0,addr=0x1f"  # the last slot: libvirt fills pci.0 from the bottom
 
     devices.find("serial/source").set("path", str(spec.serial_log))

@@ -14,17 +14,10 @@ from vhotplug.devices.dimm import DimmSpec
 from vhotplug.guest import hotplug
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.ops.detach import detach_live
+from vhotplug.ops.prepare import size_kib
 from vhotplug.units import format_size
 from vhotplug.virt.devices import find_device
 from vhotplug.virt.errors import translate
-
-_KIB = {"b": 1 / 1024, "bytes": 1 / 1024, "KiB": 1, "k": 1, "MiB": 1024, "M": 1024, "GiB": 1 << 20, "G": 1 << 20}
-
-
-def _kib(el: etree._Element | None) -> int:
-    if el is None or el.text is None:
-        return 0
-    return int(int(el.text) * _KIB.get(el.get("unit", "KiB"), 1))
 
 
 @dataclass(frozen=True)
@@ -45,8 +38,8 @@ class MemoryLayout:
 def layout(xml: str) -> MemoryLayout:
     root = etree.fromstring(xml.encode())
     max_el = root.find("maxMemory")
-    return MemoryLayout(_kib(max_el), int(max_el.get("slots", "0")) if max_el is not None else 0,
-                        _kib(root.find("memory")), len(root.findall("cpu/numa/cell")),
+    return MemoryLayout(size_kib(max_el), int(max_el.get("slots", "0")) if max_el is not None else 0,
+                        size_kib(root.find("memory")), len(root.findall("cpu/numa/cell")),
                         len(root.findall("devices/memory")))
 
 
@@ -76,7 +69,7 @@ def dimm_blocks(el: etree._Element, block_bytes: int) -> list[int]:
     if addr is None or addr.get("base") is None:
         raise errors.VhotplugError("libvirt did not report the DIMM's base address; cannot find its memory blocks")
     base = int(addr.get("base", "0"), 0)
-    size = _kib(el.find("target/size")) * 1024
+    size = size_kib(el.find("target/size")) * 1024
     return list(range(base // block_bytes, (base + size) // block_bytes))
 
 
@@ -147,7 +140,7 @@ def remove_dimm(conn: libvirt.virConnect, dom: libvirt.virDomain, ref: str, *, s
     device, el = find_device(dom.XMLDesc(0), ref)
     if device.kind != "memory":
         raise errors.InvalidRequest(f"{ref!r} is a {device.kind}, not a memory DIMM", hint="use `vhotplug detach`")
-    size_bytes = _kib(el.find("target/size")) * 1024
+    size_bytes = size_kib(el.find("target/size")) * 1024
     blocks = dimm_blocks(el, block_bytes)
     before = None
     if session is not None:
