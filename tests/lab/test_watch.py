@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,3 +213,155 @@ def test_absent_watch_returns_at_once_for_unknown_device(lab, session):
     seen = wait_for(session, Identity("nic", "52:54:00:7e:57:fe"), present=False, timeout=10)
     assert seen == Seen("", "-", seen.guest_seconds, {"polls": "1"})
     assert seen.guest_seconds < 0.5
+
+
+
+# --------------------------------------------------------------------------------------------------
+# PCI functions and USB devices by vendor:device ids: what host-device passthrough is verified with
+
+BDF_RE = r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]"
+
+
+def detach_plain(dom: libvirt.virDomain, alias: str) -> None:
+    """Detach ``alias`` if libvirt has it and wait until libvirt forgets it (no guest-side watch)."""
+    if alias in live_aliases(dom):
+        dom.detachDeviceAlias(alias, LIVE)
+    deadline = time.monotonic() + WATCH_TIMEOUT
+    while alias in live_aliases(dom):
+        assert time.monotonic() < deadline, f"libvirt still lists {alias} after the detach"
+        time.sleep(0.05)
+
+
+def function_of(session: GuestSession, iface: str) -> str:
+    """The PCI function below which the guest's interface ``iface`` sits (plain readlink, not the watcher)."""
+    path = session.run(["readlink", "-f", f"/sys/class/net/{iface}/device"]).stdout.strip()
+    bdfs = [part for part in path.split("/") if re.fullmatch(BDF_RE, part)]
+    assert bdfs, path
+    return bdfs[-1]
+
+
+def management_nic(session: GuestSession) -> tuple[str, str]:
+    """(BDF, vendor:device) of the interface carrying the default route: SSH comes in there."""
+    route = session.run(["ip", "-o", "-4", "route", "show", "default"]).stdout
+    iface = re.search(r"\bdev (\S+)", route)
+    assert iface, route
+    bdf = function_of(session, iface.group(1))
+    ids = [session.run(["cat", f"/sys/bus/pci/devices/{bdf}/{f}"]).stdout.strip()[2:] for f in ("vendor", "device")]
+    return bdf, ":".join(ids)
+
+
+def image_for(scratch: Path, lab_name: str, alias: str) -> Path:
+    image = scratch / f"{lab_name}-{alias}.img"
+    with image.open("wb") as fh:
+        fh.truncate(64 * 2**20)
+    return image
+
+
+@dataclass
+class RoundTrip:
+    seen: Seen
+    gone: Seen
+    initial: list[str]  # what matched at the present watch's first look
+    timing: str
+
+
+def round_trip(session: GuestSession, dom: libvirt.virDomain, identity: Identity, xml: str, alias: str,
+               check: Callable[[Seen, list[str]], None]) -> RoundTrip:
+    """Watch for ``identity``, attach ``xml``, ``check`` what the guest showed, detach and watch it go.
+
+    The device is always detached; through a watch for its going once the guest had shown it.
+    """
+    assert alias not in live_aliases(dom)
+    seen: Seen | None = None
+    try:
+        with start_watch(session, identity, present=True, timeout=WATCH_TIMEOUT) as watch:
+            initial = watch.initial.split(",") if watch.initial else []
+            acted = time.monotonic()
+            dom.attachDeviceFlags(xml, LIVE)
+            call = time.monotonic() - acted
+            seen = watch.result()
+        guest_in, host_in = times(watch, seen, acted)
+        check(seen, initial)
+    finally:
+        if seen is None:
+            detach_plain(dom, alias)
+        else:
+            gone, gone_watch, gone_acted = detach_and_wait(session, dom, alias, identity)
+    guest_out, host_out = times(gone_watch, gone, gone_acted)
+    timing = (f"attach: call {call:.3f} s, guest shows it after {guest_in:.3f} s (guest clock) / {host_in:.3f} s "
+              f"(host); detach: guest drops it after {guest_out:.3f} s (guest) / {host_out:.3f} s (host); "
+              f"{seen.name} {seen.driver} {seen.detail} (already there: {watch.initial or '-'})")
+    return RoundTrip(seen, gone, initial, timing)
+
+
+def test_pci_watch_sees_the_new_virtio_nic_not_the_one_already_there(lab, conn, session, request):
+    identity = Identity("pci", "1af4:1041")  # modern virtio-net, as behind a root port
+    mac, alias = "52:54:00:7e:57:c1", "ua-wpci-nic"
+    pre_nic, pre_alias = Identity("nic", "52:54:00:7e:57:c2"), "ua-wpci-pre"
+    dom = conn.lookupByName(lab.name)
+    mgmt, mgmt_ids = management_nic(session)
+    try:
+        # A virtio NIC with the same ids, there before the watch starts: must never be the answer.
+        with start_watch(session, pre_nic, present=True, timeout=WATCH_TIMEOUT) as watch:
+            dom.attachDeviceFlags(nic_xml(pre_nic.value, "virtio", pre_alias), LIVE)
+            pre = watch.result()
+        pre_bdf = pre.detail["pci"]
+
+        def check(seen: Seen, initial: list[str]) -> None:
+            assert pre_bdf in initial, (pre_bdf, initial)
+            assert re.fullmatch(BDF_RE, seen.name), seen
+            assert seen.name not in initial and seen.name not in (mgmt, pre_bdf), (seen, initial, mgmt)
+            assert (seen.driver, seen.detail["pci"]) == ("virtio-pci", seen.name), seen
+            assert "block" not in seen.detail, seen
+            # Plain looks at sysfs: the interface named is the NIC attached, on the function named.
+            net = seen.detail["net"]
+            assert session.run(["cat", f"/sys/class/net/{net}/address"]).stdout.strip() == mac
+            assert function_of(session, net) == seen.name
+
+        trip = round_trip(session, dom, identity, nic_xml(mac, "virtio", alias), alias, check)
+        # Gone is the one detached, while the other one with the same ids stays, bound.
+        assert trip.gone.name == "" and trip.gone.detail.get("was") == trip.seen.name, trip.gone
+        assert session.run(["test", "-e", f"/sys/bus/pci/devices/{pre_bdf}/driver"], check=False).status == 0
+    finally:
+        detach_and_wait(session, dom, pre_alias, pre_nic)
+    report(request.config, f"watch pci-nic      {trip.timing}; management NIC {mgmt} is {mgmt_ids}")
+
+
+def test_pci_watch_sees_a_virtio_disk_function_and_its_block_device(lab, conn, session, scratch, request):
+    identity = Identity("pci", "1af4:1042")  # modern virtio-blk
+    serial, alias = "vhw-pci", "ua-wpci-disk"
+    dom = conn.lookupByName(lab.name)
+
+    def check(seen: Seen, initial: list[str]) -> None:
+        assert re.fullmatch(BDF_RE, seen.name) and seen.name not in initial, (seen, initial)
+        assert (seen.driver, seen.detail["pci"]) == ("virtio-pci", seen.name), seen
+        block = seen.detail["block"]
+        assert "net" not in seen.detail, seen
+        assert session.run(["cat", f"/sys/block/{block}/serial"]).stdout.strip() == serial
+        assert session.run(["test", "-b", f"/dev/{block}"], check=False).status == 0
+
+    xml = disk_xml(image_for(scratch, lab.name, alias), serial, "virtio", alias)
+    trip = round_trip(session, dom, identity, xml, alias, check)
+    assert trip.gone.name == "" and trip.gone.detail.get("was") == trip.seen.name, trip.gone
+    report(request.config, f"watch pci-disk     {trip.timing}")
+
+
+def test_usb_watch_sees_the_usb_storage_device(lab, conn, session, scratch, request):
+    identity = Identity("usb", "46f4:0001")  # QEMU's usb-storage: what libvirt makes of <disk bus="usb">
+    serial, alias = "vhw-usbid", "ua-wusbid"
+    dom = conn.lookupByName(lab.name)
+
+    def check(seen: Seen, initial: list[str]) -> None:
+        assert re.fullmatch(r"\d+-[\d.]+", seen.name) and seen.name not in initial, (seen, initial)
+        assert (seen.driver, seen.detail["usb"]) == ("usb-storage", seen.name), seen
+        bus, dev = seen.detail["busdev"].split(".")
+        usb = f"/sys/bus/usb/devices/{seen.name}"
+        assert session.run(["cat", f"{usb}/busnum"]).stdout.strip() == bus
+        assert session.run(["cat", f"{usb}/devnum"]).stdout.strip() == dev
+        # libvirt's <serial> is the USB device's serial: the device named is the disk attached.
+        assert session.run(["cat", f"{usb}/serial"]).stdout.strip() == serial
+
+    xml = disk_xml(image_for(scratch, lab.name, alias), serial, "usb", alias)
+    trip = round_trip(session, dom, identity, xml, alias, check)
+    assert trip.gone.name == "" and trip.gone.detail.get("was") == trip.seen.name, trip.gone
+    report(request.config, f"watch usb-ids      {trip.timing}")

@@ -57,10 +57,23 @@ def test_identity_normalises_mac_to_lower_case():
     ("nic", "52:54:00:ab:cd"), ("nic", "52-54-00-ab-cd-ef"), ("nic", "52:54:00:ab:cd:ef\n"),
     ("nic", "$(reboot)"), ("disk", ""), ("disk", "a" * 21), ("disk", "vh d1"), ("disk", "x;reboot"),
     ("disk", "$(id)"), ("disk", "vh-d1\n"), ("usb", "1-1"),
+    ("pci", "8086:100"), ("pci", "0x8086:0x100e"), ("pci", "8086-100e"), ("pci", "8086:100e\n"),
+    ("pci", "808g:100e"), ("pci", "$(id):1234"), ("pci", ""), ("pci", "0000:00:02.0"),
+    ("usb", "46f4"), ("usb", "46f4:00011"), ("usb", " 46f4:0001"), ("usb", "46f4:0001;x"), ("nvme", "8086:100e"),
 ])
 def test_identity_refuses_bad_values(kind, value):
     with pytest.raises(errors.InvalidRequest):
         Identity(kind, value)
+
+
+def test_pci_and_usb_ids_are_normalised_and_described():
+    pci = Identity("pci", "8086:100E")
+    assert pci.value == "8086:100e" and pci.describe() == "PCI function 8086:100e"
+    usb = Identity("usb", "46F4:0001")
+    assert usb.value == "46f4:0001" and usb.describe() == "USB device 46f4:0001"
+    odd = Identity("pci", "Beef:C0DE")
+    assert shlex.split(watch_command(odd, present=False, timeout=2))[5:] == ["pci", "beef:c0de", "0", "200", ""]
+    assert "beef" not in WATCH_SCRIPT.lower()
 
 
 def test_command_passes_identity_as_an_argument_never_in_the_script():
@@ -188,6 +201,60 @@ class FakeSys:
         (usbdev / "serial").write_text(f"{serial}\n")
         (usbdev.parent / "serial").write_text("0000:03:00.0\n")  # the root hub's, never a disk's
         self._block(name, sdev, "scsi", "sd")
+
+    def add_pci(self, bdf: str, ids: str, *, cls: str = "0x020000", driver: str | None = None,
+                parent: str = "0000:00:02.0") -> Path:
+        """A PCI function behind a root port, listed in /sys/bus/pci/devices like the kernel's."""
+        func = self.devices / parent / bdf
+        func.mkdir(parents=True)
+        vendor, device = ids.split(":")
+        (func / "vendor").write_text(f"0x{vendor}\n")
+        (func / "device").write_text(f"0x{device}\n")
+        (func / "class").write_text(f"{cls}\n")
+        self._link(self.root / "sys/bus/pci/devices" / bdf, func)
+        if driver:
+            self.bind(func, "pci", driver)
+        return func
+
+    def add_netdev(self, func: Path, name: str, *, virtio: int | None = None) -> None:
+        """The interface of a NIC function: below virtioN for virtio-net, right below it for e1000."""
+        dev = func / f"virtio{virtio}" if virtio is not None else func
+        net = dev / "net" / name
+        net.mkdir(parents=True)
+        self._link(net / "device", dev)
+        self._link(self.root / "sys/class/net" / name, net)
+
+    def remove_pci(self, bdf: str) -> None:
+        link = self.root / "sys/bus/pci/devices" / bdf
+        target = link.resolve()
+        link.unlink()
+        shutil.rmtree(target)
+
+    def add_usb(self, name: str, ids: str, *, busnum: int, devnum: int, iface_driver: str | None = None) -> Path:
+        """A USB device (root hub usbN, or N-P below it) with one interface, both listed on the usb bus."""
+        hc = self.devices / "0000:00:01.1" / "0000:03:00.0"
+        dev = hc / name if name.startswith("usb") else hc / f"usb{name.split('-')[0]}" / name
+        dev.mkdir(parents=True)
+        vendor, product = ids.split(":")
+        for attr, value in (("idVendor", vendor), ("idProduct", product), ("busnum", busnum), ("devnum", devnum)):
+            (dev / attr).write_text(f"{value}\n")
+        self._link(self.root / "sys/bus/usb/devices" / name, dev)
+        self._driver(dev, "usb", "usb")
+        iface_name = f"{busnum}-0:1.0" if name.startswith("usb") else f"{name}:1.0"
+        iface = dev / iface_name
+        iface.mkdir()
+        self._link(self.root / "sys/bus/usb/devices" / iface_name, iface)
+        if iface_driver:
+            self.bind(iface, "usb", iface_driver)
+        return iface
+
+    def remove_usb(self, name: str) -> None:
+        devices = self.root / "sys/bus/usb/devices"
+        target = (devices / name).resolve()
+        for link in devices.glob(f"{name}*"):
+            if link.name == name or link.name.startswith(f"{name}:"):
+                link.unlink()
+        shutil.rmtree(target)
 
     def remove_block(self, name: str) -> None:
         link = self.root / "sys/block" / name
@@ -488,6 +555,213 @@ def test_wait_for_is_start_plus_result(fake):
     sysfs.add_virtio_disk("vda", "vh-d1")
     seen = wait_for(session, Identity("disk", "vh-d1"), present=True, timeout=5, sysroot=str(sysfs.root))
     assert (seen.name, seen.driver, seen.detail["polls"]) == ("vda", "virtio_blk", "1")
+
+
+# --------------------------------------------------------------------------------------------------
+# PCI functions and USB devices by vendor:device ids, against the devices there at the first look
+
+MGMT = "0000:01:00.0"  # the lab's management NIC: virtio-net, 1af4:1041 like any hot-plugged one
+
+
+def lab_like_pci(sysfs: FakeSys) -> None:
+    """Functions a q35 lab guest has before a hot-plug: a virtio NIC with the ids we watch for."""
+    sysfs.add_netdev(sysfs.add_pci(MGMT, "1af4:1041", driver="virtio-pci", parent="0000:00:02.0"), "eth0",
+                     virtio=0)
+    sysfs.add_pci("0000:00:1f.2", "8086:2922", cls="0x010601", driver="ahci", parent="")
+    sysfs.add_pci("0000:02:00.0", "1af4:1042", cls="0x010000", driver="virtio-pci", parent="0000:00:02.1")
+
+
+@pytest.fixture
+def short_grace(monkeypatch):
+    """The script with a 0.2 s BIND_GRACE instead of 2 s, to see the grace end without a slow test."""
+    assert "grace=200\n" in WATCH_SCRIPT
+    monkeypatch.setattr(watch_mod, "WATCH_SCRIPT", WATCH_SCRIPT.replace("grace=200\n", "grace=20\n"))
+
+
+@needs_busybox
+def test_pci_new_function_not_the_old_one_and_only_once_bound(fake):
+    sysfs, session = fake
+    lab_like_pci(sysfs)
+    with watch(session, sysfs, "pci", "1AF4:1041") as w:
+        assert w.initial == MGMT  # already there: must never be the answer
+        started = time.monotonic()
+        func = sysfs.add_pci("0000:07:00.0", "1af4:1041", parent="0000:00:02.6")
+
+        def probe() -> None:  # virtio-pci's probe: the interface below virtio5, then the driver link
+            sysfs.add_netdev(func, "eth1", virtio=5)
+            sysfs.bind(func, "pci", "virtio-pci")
+
+        later(0.3, probe).join()
+        seen = w.result()
+    assert (seen.name, seen.driver) == ("0000:07:00.0", "virtio-pci")
+    assert seen.detail == {"polls": seen.detail["polls"], "pci": "0000:07:00.0", "net": "eth1"}
+    assert int(seen.detail["polls"]) > 3
+    assert 0.2 <= seen.guest_seconds <= time.monotonic() - started + 0.5
+
+
+@needs_busybox
+def test_pci_function_already_there_is_not_new(fake):
+    sysfs, session = fake
+    lab_like_pci(sysfs)
+    with pytest.raises(errors.Timeout, match=r"did not show the PCI function 1af4:1041 within 0.2 s; guest clock"):
+        watch(session, sysfs, "pci", "1af4:1041", timeout=0.2).result()
+
+
+@needs_busybox
+def test_pci_unbound_new_function_times_out_with_a_reason(fake):
+    sysfs, session = fake
+    lab_like_pci(sysfs)
+    with watch(session, sysfs, "pci", "8086:100e", timeout=0.4) as w:
+        assert w.initial == ""
+        sysfs.add_pci("0000:08:00.0", "8086:100e", parent="0000:00:02.7")
+        with pytest.raises(errors.Timeout, match=r"PCI function 8086:100e within 0.4 s \(0000:08:00.0 is present "
+                                                 r"but no driver bound\); guest clock, \d+ polls"):
+            w.result()
+
+
+@needs_busybox
+def test_pci_disk_function_reports_its_block_device(fake):
+    sysfs, session = fake
+    lab_like_pci(sysfs)
+    with watch(session, sysfs, "pci", "1af4:1042") as w:
+        assert w.initial == "0000:02:00.0"
+        func = sysfs.add_pci("0000:09:00.0", "1af4:1042", cls="0x010000", parent="0000:00:02.3")
+        block = func / "virtio7" / "block" / "vdb"
+        block.mkdir(parents=True)
+        sysfs.bind(func, "pci", "virtio-pci")
+        seen = w.result()
+    assert (seen.name, seen.driver, seen.detail["block"]) == ("0000:09:00.0", "virtio-pci", "vdb")
+    assert "net" not in seen.detail
+
+
+@needs_busybox
+def test_pci_nic_bound_waits_for_its_interface(fake):
+    # e1000 sits right on the function; its interface comes after the driver link here.
+    sysfs, session = fake
+    with watch(session, sysfs, "pci", "8086:100e") as w:
+        func = sysfs.add_pci("0000:00:03.0", "8086:100e", driver="e1000", parent="")
+        later(0.3, lambda: sysfs.add_netdev(func, "eth2")).join()
+        seen = w.result()
+    assert (seen.driver, seen.detail["net"]) == ("e1000", "eth2")
+    assert seen.guest_seconds >= 0.2
+
+
+@needs_busybox
+def test_pci_nic_without_interface_times_out_saying_so(fake):
+    sysfs, session = fake
+    sysfs.add_pci("0000:00:03.0", "8086:100e", driver="e1000", parent="")
+    with watch(session, sysfs, "pci", "8086:100e", timeout=0.3) as w:
+        sysfs.add_pci("0000:00:04.0", "8086:100e", driver="e1000", parent="")
+        with pytest.raises(errors.Timeout, match=r"\(0000:00:04.0 is present, bound, but shows no network "
+                                                 r"interface yet\)"):
+            w.result()
+
+
+@needs_busybox
+def test_pci_nic_without_interface_is_reported_after_the_grace(fake, short_grace):
+    sysfs, session = fake
+    with watch(session, sysfs, "pci", "8086:100e") as w:
+        sysfs.add_pci("0000:00:04.0", "8086:100e", driver="vfio-pci", parent="")
+        seen = w.result()
+    assert (seen.name, seen.driver) == ("0000:00:04.0", "vfio-pci") and "net" not in seen.detail
+    assert seen.guest_seconds >= 0.15
+
+
+@needs_busybox
+def test_pci_function_goes_away(fake):
+    sysfs, session = fake
+    lab_like_pci(sysfs)
+    sysfs.add_netdev(sysfs.add_pci("0000:07:00.0", "1af4:1041", driver="virtio-pci", parent="0000:00:02.6"),
+                     "eth1", virtio=5)
+    with watch(session, sysfs, "pci", "1af4:1041", present=False) as w:
+        assert w.initial == f"{MGMT},0000:07:00.0"
+        # A third one arriving is no removal; the count drops only with the detach.
+        later(0.1, lambda: sysfs.add_pci("0000:08:00.0", "1af4:1041", parent="0000:00:02.7")).join()
+        later(0.2, lambda: sysfs.remove_pci("0000:07:00.0")).join()
+        seen = w.result()
+    assert seen == Seen("", "-", seen.guest_seconds, {"polls": seen.detail["polls"], "was": "0000:07:00.0"})
+    assert seen.guest_seconds >= 0.25
+
+
+@needs_busybox
+def test_pci_function_that_stays_times_out_naming_them(fake):
+    sysfs, session = fake
+    lab_like_pci(sysfs)
+    with pytest.raises(errors.Timeout, match=r"did not drop the PCI function 1af4:1041 within 0.2 s "
+                                             r"\(still 0000:01:00.0\)"):
+        watch(session, sysfs, "pci", "1af4:1041", present=False, timeout=0.2).result()
+
+
+@needs_busybox
+def test_pci_absent_with_nothing_matching_returns_at_once(fake):
+    sysfs, session = fake
+    lab_like_pci(sysfs)
+    seen = wait_for(session, Identity("pci", "8086:100e"), present=False, timeout=5, sysroot=str(sysfs.root))
+    assert seen == Seen("", "-", seen.guest_seconds, {"polls": "1"})
+
+
+def lab_like_usb(sysfs: FakeSys) -> None:
+    """Root hubs and a USB stick with the ids QEMU's usb-storage has, before the hot-plug."""
+    sysfs.add_usb("usb1", "1d6b:0002", busnum=1, devnum=1, iface_driver="hub")
+    sysfs.add_usb("usb2", "1d6b:0003", busnum=2, devnum=1, iface_driver="hub")
+    sysfs.add_usb("1-1", "46f4:0001", busnum=1, devnum=2, iface_driver="usb-storage")
+
+
+@needs_busybox
+def test_usb_new_device_reported_with_its_interface_driver(fake):
+    sysfs, session = fake
+    lab_like_usb(sysfs)
+    with watch(session, sysfs, "usb", "46F4:0001") as w:
+        assert w.initial == "1-1"
+        iface = sysfs.add_usb("2-1", "46f4:0001", busnum=2, devnum=3)
+        later(0.3, lambda: sysfs.bind(iface, "usb", "usb-storage")).join()
+        seen = w.result()
+    assert (seen.name, seen.driver) == ("2-1", "usb-storage")
+    assert seen.detail == {"polls": seen.detail["polls"], "usb": "2-1", "busdev": "2.3"}
+    assert seen.guest_seconds >= 0.2
+
+
+@needs_busybox
+def test_usb_device_without_interface_driver(fake, short_grace):
+    sysfs, session = fake
+    lab_like_usb(sysfs)
+    with watch(session, sysfs, "usb", "46f4:0001") as w:
+        sysfs.add_usb("1-2", "46f4:0001", busnum=1, devnum=4)
+        seen = w.result()
+    assert (seen.name, seen.driver, seen.detail["busdev"]) == ("1-2", "usb", "1.4")
+    assert seen.guest_seconds >= 0.15
+
+
+@needs_busybox
+def test_usb_device_waiting_for_a_driver_times_out_saying_so(fake):
+    sysfs, session = fake
+    with watch(session, sysfs, "usb", "46f4:0001", timeout=0.3) as w:
+        sysfs.add_usb("1-2", "46f4:0001", busnum=1, devnum=4)
+        with pytest.raises(errors.Timeout, match=r"USB device 46f4:0001 within 0.3 s \(1-2 is present but no "
+                                                 r"interface driver bound yet\)"):
+            w.result()
+
+
+@needs_busybox
+def test_usb_device_goes_away(fake):
+    sysfs, session = fake
+    lab_like_usb(sysfs)
+    sysfs.add_usb("2-1", "46f4:0001", busnum=2, devnum=3, iface_driver="usb-storage")
+    with watch(session, sysfs, "usb", "46f4:0001", present=False) as w:
+        assert w.initial == "1-1,2-1"
+        later(0.2, lambda: sysfs.remove_usb("2-1")).join()
+        seen = w.result()
+    assert seen == Seen("", "-", seen.guest_seconds, {"polls": seen.detail["polls"], "was": "2-1"})
+    assert seen.guest_seconds >= 0.15
+    assert (sysfs.root / "sys/bus/usb/devices/1-1:1.0").exists()  # only the one removed went
+
+
+@needs_busybox
+def test_usb_device_that_stays_times_out(fake):
+    sysfs, session = fake
+    lab_like_usb(sysfs)
+    with pytest.raises(errors.Timeout, match=r"did not drop the USB device 46f4:0001 within 0.2 s \(still 1-1\)"):
+        watch(session, sysfs, "usb", "46f4:0001", present=False, timeout=0.2).result()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Watch, inside the guest, for a device to show up or go away, identified by MAC or disk serial.
+"""Watch, inside the guest, for a device to show up or go away: by MAC, disk serial, PCI or USB ids.
 
 The caller starts a watch *before* it asks libvirt to act (like registering for an
 event), then acts, then collects the result::
@@ -20,6 +20,17 @@ virtio-blk has ``/sys/block/vdX/serial``; a SCSI disk (virtio-scsi) has no seria
 has no VPD page, and libvirt's ``<serial>`` shows up as ``serial`` on the USB device
 directory (``.../usb2/2-1/serial``). The watcher walks up from the block device and lets
 the nearest level that has either file decide.
+
+PCI functions (``Identity("pci", "8086:100e")``) and USB devices (``Identity("usb",
+"46f4:0001")``) are known by vendor:device ids, which the guest may already show for other
+devices (every modern virtio-net function is 1af4:1041; the lab's management NIC, on pcie.0,
+is transitional 1af4:1000). So the watcher records the
+matching devices at its first look (``Watch.initial``, comma-separated) and only counts
+changes against that set: "present" is a *new* match (a PCI function with a driver bound;
+a USB device, preferably with an interface driver bound), "absent" is one of the initial
+matches gone (``was=``). A new network-class function is reported once its interface
+shows (``net=``), a new USB device once an interface driver is bound, each at most
+``BIND_GRACE`` later (then without it: a device the guest has no driver for).
 """
 
 from __future__ import annotations
@@ -36,10 +47,11 @@ import paramiko
 from vhotplug import errors
 from vhotplug.guest.ssh import GuestSession
 
-Kind = Literal["nic", "disk"]
+Kind = Literal["nic", "disk", "pci", "usb"]
 
 MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 SERIAL_RE = re.compile(r"[A-Za-z0-9_.-]{1,20}")
+IDS_RE = re.compile(r"[0-9a-f]{4}:[0-9a-f]{4}")
 
 #: Longest watch accepted; a guest-side loop should never outlive a test run by accident.
 MAX_TIMEOUT = 3600.0
@@ -49,17 +61,20 @@ START_TIMEOUT = 30.0
 RESULT_GRACE = 10.0
 #: How long to wait for the SSH server to report the watcher's exit before closing its channel.
 CLOSE_WAIT = 5.0
+#: Guest seconds a new PCI NIC may take to show its interface, or a new USB device to get an
+#: interface driver, once it is otherwise there; after that it is reported without them.
+BIND_GRACE = 2.0
 
-# Positional arguments: $1 kind (nic|disk), $2 MAC or serial, $3 1=present 0=absent,
-# $4 deadline in centiseconds of guest uptime from start, $5 a directory standing in for /
-# ("" in a real guest; the unit tests point it at a fake sysfs).
+# Positional arguments: $1 kind (nic|disk|pci|usb), $2 MAC, serial or VVVV:PPPP ids,
+# $3 1=present 0=absent, $4 deadline in centiseconds of guest uptime from start, $5 a
+# directory standing in for / ("" in a real guest; the unit tests point it at a fake sysfs).
 #
 # Every step inside the loop is a builtin (read, [, case, cd -P, arithmetic) except the
 # ~20 ms usleep, so one poll stays cheap even under TCG. ``cd -P DIR; $PWD`` replaces
 # ``readlink -f`` for the same reason.
 WATCH_SCRIPT = r"""
 export LC_ALL=C
-kind=$1 want=$2 present=$3 limit=$4 R=$5
+kind=$1 want=$2 present=$3 limit=$4 R=$5 grace=@GRACE@
 top=$R/sys/devices
 # /proc/uptime is "SECONDS.CC": centiseconds without octal surprises from a leading 0.
 tick() { read -r up _ 2>/dev/null < "$R/proc/uptime"; cs=$(( ${up%.*} * 100 + 1${up#*.} - 100 )); }
@@ -142,16 +157,117 @@ disk_scan() {
   done
 }
 
-polls=0 last=
+# pci/usb: the ids as sysfs prints them (PCI "0x8086", USB "46f4").
+wv=${want%:*} wp=${want#*:}
+[ "$kind" = pci ] && { wv=0x$wv wp=0x$wp; }
+bus=$R/sys/bus/$kind/devices
+
+# ids_scan: cur=" NAME NAME " (space-delimited) of the devices on $bus with ids $want.
+ids_scan() {
+  cur=' '
+  if [ "$kind" = pci ]; then vf=vendor pf=device; else vf=idVendor pf=idProduct; fi
+  for d in "$bus"/*; do
+    [ "$kind" = usb ] && case ${d##*/} in *:*) continue ;; esac  # an interface (2-1:1.0)
+    v=
+    read -r v 2>/dev/null < "$d/$vf"
+    [ "$v" = "$wv" ] || continue
+    v=
+    read -r v 2>/dev/null < "$d/$pf"
+    [ "$v" = "$wp" ] && cur="$cur${d##*/} "
+  done
+}
+
+# commas LIST: lst=the words of LIST joined by commas.
+commas() { lst=; for b in $1; do lst=${lst:+$lst,}$b; done; }
+
+# waiting NAME: true for the first $grace cs since NAME was first seen waiting.
+waiting() {
+  [ "$wb" = "$1" ] || { wb=$1 wcs=$cs; }
+  [ $((cs - wcs)) -lt "$grace" ]
+}
+
+# firstof GLOB...: hit=name of the first existing path among the words ("" if none).
+firstof() { hit=; for k in "$@"; do [ -e "$k" ] && { hit=${k##*/}; return; }; done; }
+
+# ids_new: name=first device in $cur but not in $init that is ready (drv, and for pci net,
+# blk; for usb busdev set); last/need say what keeps a new one from being ready.
+ids_new() {
+  name= last= need=
+  for b in $cur; do
+    case $init in *" $b "*) continue ;; esac
+    d=$bus/$b
+    if [ "$kind" = pci ]; then
+      [ -e "$d/driver" ] || { last=$b need=driver; continue; }
+      firstof "$d"/net/* "$d"/virtio*/net/*
+      net=$hit
+      if [ -z "$net" ]; then
+        c=
+        read -r c 2>/dev/null < "$d/class"
+        case $c in 0x02*) waiting "$b" && { last=$b need=net; continue; } ;; esac
+      fi
+      drvof "$d/driver"
+      firstof "$d"/block/* "$d"/virtio*/block/*
+      blk=$hit
+    else
+      drv=
+      for i in "$d"/*:*/driver; do [ -e "$i" ] && { drvof "$i"; break; }; done
+      if [ -z "$drv" ]; then
+        waiting "$b" && { last=$b need=driver; continue; }
+        drv=usb
+      fi
+      bn=? dn=?
+      read -r bn 2>/dev/null < "$d/busnum"
+      read -r dn 2>/dev/null < "$d/devnum"
+    fi
+    name=$b
+    return 0
+  done
+}
+
+polls=0 last= need=
 while :; do
   tick
-  if [ "$kind" = nic ]; then nic_scan; else disk_scan; fi
+  case $kind in
+    nic) nic_scan ;;
+    disk) disk_scan ;;
+    *) ids_scan ;;
+  esac
   [ -n "$name" ] && last=$name
   # "start" follows the first look, so once the host has read it the initial state is on
   # record: a change the host causes afterwards cannot slip in before the watcher looked.
-  [ "$polls" = 0 ] && { end=$((cs + limit)); echo "start $up $$ ${name:--}"; }
+  if [ "$polls" = 0 ]; then
+    end=$((cs + limit))
+    first=$name
+    case $kind in pci|usb) init=$cur; commas "$init"; first=$lst ;; esac
+    echo "start $up $$ ${first:--}"
+  fi
   polls=$((polls + 1))
-  if [ "$present" = 1 ]; then
+  if [ "$kind" = pci ] || [ "$kind" = usb ]; then
+    if [ "$present" = 1 ]; then
+      ids_new
+      if [ -n "$name" ]; then
+        if [ "$kind" = pci ]; then
+          echo "found $name $drv $up polls=$polls pci=$name${net:+ net=$net}${blk:+ block=$blk}"
+        else
+          echo "found $name $drv $up polls=$polls usb=$name busdev=$bn.$dn"
+        fi
+        exit 0
+      fi
+    else
+      # Absent: one of the devices matching at the first look is no longer there (or no
+      # longer matches). With none at the first look there is nothing to wait for.
+      gone= left=
+      for b in $init; do
+        case $cur in *" $b "*) left="$left $b" ;; *) [ -z "$gone" ] && gone=$b ;; esac
+      done
+      if [ -n "$gone" ] || [ "$init" = ' ' ]; then
+        echo "found - - $up polls=$polls${gone:+ was=$gone}"
+        exit 0
+      fi
+      commas "$left"
+      last=$lst
+    fi
+  elif [ "$present" = 1 ]; then
     if [ -n "$name" ]; then
       if [ "$kind" = nic ] && [ "$bound" = 1 ]; then
         drvof "$R/sys/class/net/$name/device/driver"
@@ -175,17 +291,18 @@ while :; do
     exit 0
   fi
   if [ "$cs" -ge "$end" ]; then
-    echo "timeout $up polls=$polls${last:+ last=$last}"
+    echo "timeout $up polls=$polls${last:+ last=$last}${need:+ need=$need}"
     exit 1
   fi
   usleep 20000
 done
-"""
+""".replace("@GRACE@", str(round(BIND_GRACE * 100)))  # our constant: the identity is never pasted in
 
 
 @dataclass(frozen=True)
 class Identity:
-    """How a device is recognised inside the guest: a NIC by MAC, a disk by serial."""
+    """How a device is recognised inside the guest: a NIC by MAC, a disk by serial, a PCI
+    function or USB device by ``vendor:device`` ids (4 hex digits each, e.g. ``8086:100e``)."""
 
     kind: Kind
     value: str
@@ -204,21 +321,42 @@ class Identity:
                     f"disk serial {self.value!r} cannot be watched for",
                     hint="a serial of 1 to 20 characters from A-Z a-z 0-9 _ . -",
                 )
+        elif self.kind in ("pci", "usb"):
+            ids = self.value.lower()
+            if not IDS_RE.fullmatch(ids):
+                example = "8086:100e" if self.kind == "pci" else "46f4:0001"
+                raise errors.InvalidRequest(f"not {self.kind.upper()} vendor:device ids: {self.value!r}",
+                                            hint=f"four hex digits each, without 0x, e.g. {example}")
+            # Sysfs prints the ids in lower case; normalise so the guest-side comparison is exact.
+            object.__setattr__(self, "value", ids)
         else:
-            raise errors.InvalidRequest(f"unknown identity kind {self.kind!r} (nic or disk)")
+            raise errors.InvalidRequest(f"unknown identity kind {self.kind!r} (nic, disk, pci or usb)")
 
     def describe(self) -> str:
-        return f"NIC with MAC {self.value}" if self.kind == "nic" else f"disk with serial {self.value}"
+        return {
+            "nic": f"NIC with MAC {self.value}",
+            "disk": f"disk with serial {self.value}",
+            "pci": f"PCI function {self.value}",
+            "usb": f"USB device {self.value}",
+        }[self.kind]
 
 
 @dataclass(frozen=True)
 class Seen:
-    """What the guest showed: its name for the device, the bound driver, and when (guest clock)."""
+    """What the guest showed: its name for the device, the bound driver, and when (guest clock).
 
-    name: str  # eth1, vdb, sda; "" when the watch waited for absence
-    driver: str  # nic: virtio_net/e1000...; disk: the block device's driver (virtio_blk, sd) or "-"
+    ``detail`` always has ``polls``; for absence ``was`` (the name that went). Presence adds, for
+    a NIC or disk: ``pci`` and ``usb`` (the PCI function / USB device above it), ``scsi`` (H:C:T:L);
+    for a PCI function: ``pci`` (its BDF), ``net`` (its interface, if a NIC), ``block`` (a block
+    device right below it, e.g. virtio-blk's); for a USB device: ``usb`` (e.g. 2-1), ``busdev``
+    (BUS.DEV as in lsusb).
+    """
+
+    name: str  # eth1, vdb, sda, a PCI BDF, a USB device (2-1); "" when the watch waited for absence
+    driver: str  # nic: virtio_net/e1000...; disk: the block device's driver (virtio_blk, sd) or "-";
+    #              pci: the function's driver (virtio-pci, e1000); usb: its first interface driver or "usb"
     guest_seconds: float  # guest clock, from the watch's start to the poll that saw the change
-    detail: dict[str, str] = field(default_factory=dict)  # pci, usb, scsi, polls, was (absence)
+    detail: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -298,7 +436,8 @@ class Watch:
         self.guest_started = 0.0
         #: Host ``time.monotonic()`` when the final line arrived (0 until then).
         self.finished_at = 0.0
-        #: The guest's name for a matching device at the first look ("" if there was none then).
+        #: The guest's name for a matching device at the first look ("" if there was none then);
+        #: for pci/usb all matching devices then, comma-separated (the ones a new match must not be).
         self.initial = ""
         self.pid = 0
 
@@ -415,8 +554,14 @@ class Watch:
             polls = line.detail.get("polls", "?")
             if self.present:
                 msg = f"the guest did not show the {self.identity.describe()} within {self.timeout:g} s"
-                if self.identity.kind == "nic" and "last" in line.detail:
-                    msg += f" ({line.detail['last']} has that MAC but no driver bound)"
+                last, need = line.detail.get("last"), line.detail.get("need")
+                if self.identity.kind == "nic" and last:
+                    msg += f" ({last} has that MAC but no driver bound)"
+                elif self.identity.kind == "pci" and last:
+                    msg += (f" ({last} is present but no driver bound)" if need == "driver" else
+                            f" ({last} is present, bound, but shows no network interface yet)")
+                elif self.identity.kind == "usb" and last:
+                    msg += f" ({last} is present but no interface driver bound yet)"
             else:
                 held = f" (still {line.detail['last']})" if "last" in line.detail else ""
                 msg = f"the guest did not drop the {self.identity.describe()} within {self.timeout:g} s{held}"
@@ -453,9 +598,11 @@ def start_watch(session: GuestSession, identity: Identity, *, present: bool, tim
                 sysroot: str = "") -> Watch:
     """Start the in-guest watcher and return once it is live (its ``start`` line has arrived).
 
-    ``present`` True waits for the device to appear with a driver bound; False waits until
-    the guest has no such device. ``timeout`` (seconds) is enforced by the guest on its own
-    clock. ``sysroot`` is for tests: a directory read in place of / (for /sys and /proc).
+    ``present`` True waits for the device to appear with a driver bound (pci/usb: a device
+    that did not match at the first look); False waits until the guest has no such device
+    (pci/usb: until one of the devices matching at the first look is gone). ``timeout``
+    (seconds) is enforced by the guest on its own clock. ``sysroot`` is for tests: a directory
+    read in place of / (for /sys and /proc).
     """
     command = watch_command(identity, present=present, timeout=timeout, sysroot=sysroot)
     transport = session.transport()
