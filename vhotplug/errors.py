@@ -25,6 +25,8 @@ class ExitCode(IntEnum):
     LAB = 11  # the lab could not be built or booted
     INCONSISTENT = 12  # libvirt and the guest disagree about the outcome (both states are reported)
     BUSY = 13  # another vhotplug process holds the domain or host device (its PID is named)
+    UNSAFE = 14  # refused: the host device is used by the host or a domain, is a bridge, or shares its IOMMU group
+    RECOVERY = 15  # an operation could not be rolled back: the journal keeps it for `vhotplug recover`
     INTERRUPTED = 130  # Ctrl-C
 
 
@@ -94,6 +96,24 @@ class Timeout(VhotplugError):
 
 class LabError(VhotplugError):
     exit_code = ExitCode.LAB
+
+
+class UnsafeDevice(VhotplugError):
+    """Giving this host device to a guest could take something from the host or another domain."""
+
+    exit_code = ExitCode.UNSAFE
+
+
+class RecoveryNeeded(VhotplugError):
+    """A multi-step operation failed and so did its rollback; the journal keeps what is left to undo."""
+
+    exit_code = ExitCode.RECOVERY
+
+
+class Interrupted(VhotplugError):
+    """Ctrl-C, after vhotplug put things back as they were (the message says how)."""
+
+    exit_code = ExitCode.INTERRUPTED
 
 
 class Inconsistent(VhotplugError):

@@ -11,7 +11,7 @@ import typer
 from lxml import etree
 
 from vhotplug import errors, templates
-from vhotplug.cli import output
+from vhotplug.cli import hostdev_cmd, output
 from vhotplug.cli.guest_access import open_guest
 from vhotplug.cli.options import (
     AcceptNewOpt,
@@ -190,3 +190,8 @@ def _report(fmt: OutputFormat, *, dom_name: str, outcome: AttachOutcome, doc: di
     if isinstance(ping, dict):
         typer.echo(f"ping {ping['address']} via {ping['interface']}: {ping['received']}/{ping['sent']} received, "
                    f"avg {ping['rtt_ms_avg']} ms")
+
+
+# Host devices (PCI/USB passthrough) live in their own module; they are attach sub-commands too.
+app.command("pci")(hostdev_cmd.pci)
+app.command("usb")(hostdev_cmd.usb)

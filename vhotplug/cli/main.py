@@ -20,14 +20,17 @@ from vhotplug.cli import (
     check_cmd,
     detach_cmd,
     host_cmd,
+    info_cmd,
     lab_cmd,
     list_cmd,
     memory_cmd,
     prepare_cmd,
+    recover_cmd,
     vcpu_cmd,
 )
 from vhotplug.cli.state import AppState, OutputFormat
 from vhotplug.errors import ExitCode, VhotplugError
+from vhotplug.host import journal
 from vhotplug.virt.errors import translate
 
 try:  # Typer >= 0.22 vendors its own copy of click
@@ -66,6 +69,8 @@ def _global(
                                                   help="Print the version and exit.")] = None,
 ) -> None:
     ctx.obj = AppState(uri=connect or os.environ.get("LIBVIRT_DEFAULT_URI") or None, output=output, debug=debug)
+    if ctx.invoked_subcommand != "recover" and (warning := journal.stale_warning()):
+        print(f"vhotplug: warning: {warning}", file=sys.stderr)
 
 
 app.command("list")(list_cmd.list_devices)
@@ -75,8 +80,10 @@ app.add_typer(vcpu_cmd.app, name="vcpu")
 app.add_typer(memory_cmd.app, name="memory")
 app.command("prepare")(prepare_cmd.prepare)
 app.command("check")(check_cmd.check)
+app.command("recover")(recover_cmd.recover)
 app.add_typer(lab_cmd.app, name="lab")
 app.add_typer(host_cmd.app, name="host")
+app.add_typer(info_cmd.app, name="info")
 
 
 def _report(exc: VhotplugError) -> None:

@@ -39,3 +39,8 @@ VerifyOpt = Annotated[
                  help="Check inside the guest over SSH (default: on when the guest's SSH access is known)."),
 ]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the guest.")]
+WaitLockOpt = Annotated[
+    bool,
+    typer.Option("--wait-lock",
+                 help="If another vhotplug holds the domain or device, wait for it instead of failing (exit 13)."),
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import libvirt
@@ -13,6 +14,7 @@ from vhotplug import errors
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.guest.watch import Identity, Seen, start_watch
 from vhotplug.ops.detach import detach_live
+from vhotplug.virt.connection import domain_xml
 from vhotplug.virt.devices import find_device
 from vhotplug.virt.errors import translate
 
@@ -41,43 +43,52 @@ class AttachOutcome:
 
 
 def attach_device(conn: libvirt.virConnect, dom: libvirt.virDomain, device: etree._Element, *, flags: int,
-                  identity: Identity, session: GuestSession | None, timeout: float) -> AttachOutcome:
+                  identity: Identity | None, session: GuestSession | None, timeout: float,
+                  before_attach: Callable[[], None] | None = None) -> AttachOutcome:
     """Attach ``device`` with ``flags``; with a ``session``, wait until the guest shows ``identity``.
 
     The guest watch starts before the attach (so nothing is missed); if the guest
     does not show the device in time, the device is detached again and Timeout raised.
+    ``before_attach`` runs just before the libvirt call (the passthrough journal's write-ahead step).
     """
     xml = etree.tostring(device, encoding="unicode")
     alias_el = device.find("alias")
     alias = alias_el.get("name", "") if alias_el is not None else ""
-    watch = start_watch(session, identity, present=True, timeout=timeout) if session else None
-    called = time.monotonic()
+    watch = start_watch(session, identity, present=True, timeout=timeout) if session and identity else None
     try:
+        if before_attach is not None:
+            before_attach()
+        called = time.monotonic()
         dom.attachDeviceFlags(xml, flags)
     except libvirt.libvirtError as exc:
         if watch:
             watch.cancel()
         raise translate(exc, f"attaching {device.tag} {alias}") from exc
+    except BaseException:
+        if watch:
+            watch.cancel()
+        raise
     libvirt_seconds = time.monotonic() - called
     live = bool(flags & libvirt.VIR_DOMAIN_AFFECT_LIVE) or (flags == 0 and dom.isActive())
     address = "-"
     if live:
-        with contextlib.suppress(errors.VhotplugError):
-            address = find_device(dom.XMLDesc(0), alias)[0].address
+        with contextlib.suppress(errors.DeviceNotFound):  # already gone again: the verify will say so
+            address = find_device(domain_xml(dom), alias)[0].address
+    shown = identity.value if identity else "-"
     if watch is None:
-        return AttachOutcome(alias, device.tag, identity.value, address, libvirt_seconds)
+        return AttachOutcome(alias, device.tag, shown, address, libvirt_seconds)
     try:
         seen = watch.result()
     except errors.Timeout as exc:
         _roll_back(conn, dom, alias, flags, timeout)
         raise errors.Timeout(
-            f"the guest did not show {device.tag} {alias} ({identity.value}) within {timeout:g} s; "
+            f"the guest did not show {device.tag} {alias} ({shown}) within {timeout:g} s; "
             "it was detached again (rolled back)",
             hint="check the guest's drivers (`vhotplug list DOMAIN --guest`) or raise --timeout",
         ) from exc
     verified = time.monotonic() - called
     seen_after = watch.started_at + seen.guest_seconds - called
-    return AttachOutcome(alias, device.tag, identity.value, address, libvirt_seconds, seen,
+    return AttachOutcome(alias, device.tag, shown, address, libvirt_seconds, seen,
                          max(0.0, seen_after), verified)
 
 

@@ -119,7 +119,7 @@ def _still_attached(dom: libvirt.virDomain, alias: str) -> bool:
 
 
 def detach_device(conn: libvirt.virConnect, dom: libvirt.virDomain, ref: str, *, live: bool, config: bool,
-                  session: GuestSession | None, timeout: float) -> DetachOutcome:
+                  session: GuestSession | None, timeout: float, identity: Identity | None = None) -> DetachOutcome:
     """Detach the device ``ref`` names from the live domain and/or its definition.
 
     The live part goes first and must succeed before the definition is changed,
@@ -147,7 +147,7 @@ def detach_device(conn: libvirt.virConnect, dom: libvirt.virDomain, ref: str, *,
         except errors.DeviceNotFound as exc:
             raise errors.DeviceNotFound(f"{ref!r} is not in the persistent definition",
                                         hint="use --live to detach it from the running guest only") from exc
-    identity = identity_of(device, element)
+    identity = identity or identity_of(device, element)
     libvirt_seconds, was_pending, seen, gone_after = None, False, None, None
     if live:
         watch = start_watch(session, identity, present=False, timeout=timeout) if session and identity else None

@@ -164,26 +164,38 @@ def find_device(xml: str | bytes, ref: str) -> tuple[Device, etree._Element]:
     Raises DeviceNotFound (with what there is) or InvalidRequest when ``ref`` is ambiguous.
     """
     ref = ref.strip()
-    pci = _normalize_pci(ref)
-    mac = ref.lower() if _MAC_REF.match(ref) else None
     candidates = device_elements(xml)
-    matches = [
-        (dev, el) for dev, el in candidates
-        if dev.alias in (ref, f"ua-{ref}")
-        or (mac is not None and dev.identity.lower() == mac)
-        or (dev.kind == "disk" and dev.identity == ref)
-        or (pci is not None and dev.address == pci)
-    ]
+    if ref[:5].lower() == "host:":
+        matches = _by_host_source(candidates, ref[5:].strip().lower())
+    else:
+        pci = _normalize_pci(ref)
+        mac = ref.lower() if _MAC_REF.match(ref) else None
+        matches = [
+            (dev, el) for dev, el in candidates
+            if dev.alias in (ref, f"ua-{ref}")
+            or (mac is not None and dev.identity.lower() == mac)
+            or (dev.kind == "disk" and dev.identity == ref)
+            or (pci is not None and dev.address == pci)
+        ]
     if len(matches) == 1:
         return matches[0]
     if not matches:
         known = ", ".join(sorted({d.alias for d, _ in candidates if d.alias != "-"})) or "none"
         raise errors.DeviceNotFound(
             f"no device {ref!r} in the domain (known aliases: {known})",
-            hint="name a device by its id/alias, MAC, target (vdb, sda) or guest PCI address; see `vhotplug list`",
+            hint="name a device by its id/alias, MAC, target (vdb, sda), guest PCI address, or a host device as "
+                 "host:BDF / host:VENDOR:PRODUCT; see `vhotplug list`",
         )
     names = ", ".join(f"{d.kind} {d.alias}" for d, _ in matches)
     raise errors.InvalidRequest(f"{ref!r} names several devices ({names}): use the alias")
+
+
+def _by_host_source(candidates: list[tuple[Device, etree._Element]],
+                    spec: str) -> list[tuple[Device, etree._Element]]:
+    """Host devices given to the guest whose host address (``06:10.1``) or vendor:product matches ``spec``."""
+    pci = _normalize_pci(spec)
+    return [(dev, el) for dev, el in candidates if dev.kind == "hostdev" and (
+        (pci is not None and dev.source == pci) or (dev.identity not in ("", "-") and dev.identity == spec))]
 
 
 @dataclass(frozen=True)
