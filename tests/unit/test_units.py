@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vhotplug import errors
 from vhotplug.units import format_size, parse_size, unit_scale
@@ -156,3 +158,30 @@ def test_format_size_round_trips_exact_values() -> None:
 def test_format_size_refuses_negative() -> None:
     with pytest.raises(ValueError):
         format_size(-1)
+
+
+# -- fuzzing: any text either parses to a size or is refused with a clear error -------------------------------
+
+_SIZE_ALPHABET = st.sampled_from(list("0123456789 .,-+eEkKmMgGtTpPbBiI_xX\t\n\u00a0٣"))
+
+
+@given(st.one_of(st.text(_SIZE_ALPHABET, max_size=16), st.text(max_size=16)))
+def test_parse_size_returns_a_positive_size_or_refuses_cleanly(text: str) -> None:
+    try:
+        size = parse_size(text)
+    except errors.InvalidRequest as exc:
+        assert exc.message.startswith("invalid size") or "size" in exc.message
+        assert "\n" not in exc.message.split(":", 1)[0]
+        return
+    assert isinstance(size, int) and 0 < size <= 16 * EiB
+
+
+@given(st.integers(1, 2**40), st.sampled_from(["", "K", "KiB", "M", "MiB", "G", "GiB", "T", "b", "B"]))
+def test_every_whole_size_with_a_unit_round_trips(number: int, unit: str) -> None:
+    scale = unit_scale(unit) if unit else MiB
+    assert scale is not None
+    if number * scale > 16 * EiB:
+        with pytest.raises(errors.InvalidRequest, match="larger than libvirt can represent"):
+            parse_size(f"{number}{unit}")
+    else:
+        assert parse_size(f"{number}{unit}") == number * scale
