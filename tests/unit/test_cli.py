@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import socket
 
+import libvirt
+import pytest
+
 from tests.conftest import GOLDEN
 from vhotplug.errors import ExitCode
+from vhotplug.host import lock
 
 TEST_URI = "test:///default"
 NONIC_URI = f"test://{GOLDEN / 'testnode.xml'}"
@@ -122,3 +126,26 @@ def test_real_process_exit_codes():
     done = subprocess.run([sys.executable, "-m", "vhotplug", "-c", TEST_URI, "-o", "json", "list", "test"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and '"domain": "test"' in done.stdout
+
+
+# -- one vhotplug at a time per domain ------------------------------------------------------------------------
+
+LOCKED_COMMANDS = [
+    ("attach", "nic", "test", "--config"),
+    ("attach", "disk", "test", "--size", "16M", "--config"),
+    ("vcpu", "set", "test", "2", "--config"),
+    ("memory", "balloon", "test", "512M", "--no-verify"),
+    ("detach", "test", "ua-none", "--config"),
+]
+
+
+@pytest.mark.parametrize("args", LOCKED_COMMANDS, ids=lambda a: " ".join(a[:2]))
+def test_changing_commands_take_the_domain_lock(cli, tmp_path, monkeypatch, args):
+    monkeypatch.setenv("VHOTPLUG_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("VHOTPLUG_IMAGE_DIR", str(tmp_path / "images"))
+    uuid = libvirt.open(TEST_URI).lookupByName("test").UUIDString()
+    with lock.acquire([lock.domain_key(uuid)]):
+        r = cli("-c", TEST_URI, *args)
+    assert r.code == 13, r.err
+    assert f"busy: domain-{uuid} is held by this process" in r.err and "--wait-lock" in r.err
+    assert not (tmp_path / "images").exists()  # refused before anything was made

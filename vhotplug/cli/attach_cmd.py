@@ -26,6 +26,7 @@ from vhotplug.cli.options import (
     SSHOpt,
     TimeoutOpt,
     VerifyOpt,
+    WaitLockOpt,
 )
 from vhotplug.cli.state import OutputFormat, state
 from vhotplug.devices.disk import DiskSpec, create_image, disk_spec, disk_xml, remove_created_image
@@ -33,6 +34,7 @@ from vhotplug.devices.nic import NIC_MODELS, nic_spec, nic_xml
 from vhotplug.guest.ping import ping_through
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.guest.watch import Identity
+from vhotplug.host import lock
 from vhotplug.ops.attach import AttachOutcome, attach_device
 from vhotplug.virt.connection import connection, domain_xml, is_running, lookup_domain, resolve_affect
 from vhotplug.virt.devices import used_names
@@ -62,7 +64,7 @@ def nic(
     live: LiveOpt = False, config: ConfigOpt = False, current: CurrentOpt = False, persistent: PersistentOpt = False,
     print_xml: PrintXmlOpt = False, verify: VerifyOpt = None, timeout: TimeoutOpt = 30.0,
     ssh: SSHOpt = None, ssh_key: SSHKeyOpt = None, known_hosts: KnownHostsOpt = None,
-    accept_new_host_key: AcceptNewOpt = False,
+    accept_new_host_key: AcceptNewOpt = False, wait_lock: WaitLockOpt = False,
 ) -> None:
     """Hot-plug a NIC (the seed's `device_add` of a network card), then find it in the guest by its MAC.
 
@@ -70,8 +72,9 @@ def nic(
     (`ping -I IFACE ADDR`, as in the seed).
     """
     st = state(ctx)
-    with connection(st.uri) as conn:
+    with connection(st.uri) as conn, contextlib.ExitStack() as held:
         dom = lookup_domain(conn, domain)
+        held.enter_context(lock.acquire([lock.domain_key(dom.UUIDString())], wait=wait_lock))
         affect = resolve_affect(dom, live=live, config=config, current=current, persistent=persistent)
         flags, is_live = affect.flags, affect.live
         live_xml = domain_xml(dom) if is_running(dom) else ""
@@ -113,12 +116,13 @@ def disk(
     live: LiveOpt = False, config: ConfigOpt = False, current: CurrentOpt = False, persistent: PersistentOpt = False,
     print_xml: PrintXmlOpt = False, verify: VerifyOpt = None, timeout: TimeoutOpt = 30.0,
     ssh: SSHOpt = None, ssh_key: SSHKeyOpt = None, known_hosts: KnownHostsOpt = None,
-    accept_new_host_key: AcceptNewOpt = False,
+    accept_new_host_key: AcceptNewOpt = False, wait_lock: WaitLockOpt = False,
 ) -> None:
     """Hot-plug a disk (virtio, SCSI, or USB storage with --bus usb), then find it in the guest by its serial."""
     st = state(ctx)
-    with connection(st.uri) as conn:
+    with connection(st.uri) as conn, contextlib.ExitStack() as held:
         dom = lookup_domain(conn, domain)
+        held.enter_context(lock.acquire([lock.domain_key(dom.UUIDString())], wait=wait_lock))
         affect = resolve_affect(dom, live=live, config=config, current=current, persistent=persistent)
         flags, is_live = affect.flags, affect.live
         live_xml = domain_xml(dom) if is_running(dom) else ""

@@ -23,10 +23,12 @@ from vhotplug.cli.options import (
     SSHOpt,
     TimeoutOpt,
     VerifyOpt,
+    WaitLockOpt,
 )
 from vhotplug.cli.state import OutputFormat, state
 from vhotplug.devices.dimm import DEFAULT_BLOCK_BYTES, dimm_spec, dimm_xml
 from vhotplug.guest import hotplug
+from vhotplug.host import lock
 from vhotplug.ops.memory import add_dimm, balloon, check_room, layout, remove_dimm
 from vhotplug.units import format_size, parse_size
 from vhotplug.virt.connection import connection, domain_xml, is_running, lookup_domain, resolve_affect
@@ -47,14 +49,15 @@ def add(
     live: LiveOpt = False, config: ConfigOpt = False, current: CurrentOpt = False, persistent: PersistentOpt = False,
     print_xml: PrintXmlOpt = False, verify: VerifyOpt = None, timeout: TimeoutOpt = 30.0,
     ssh: SSHOpt = None, ssh_key: SSHKeyOpt = None, known_hosts: KnownHostsOpt = None,
-    accept_new_host_key: AcceptNewOpt = False,
+    accept_new_host_key: AcceptNewOpt = False, wait_lock: WaitLockOpt = False,
 ) -> None:
     """Hot-add a memory DIMM, online its memory blocks in the guest, and check MemTotal grew by its size."""
     if online_type not in ("online", "online_movable"):
         raise errors.InvalidRequest(f"invalid --online-type {online_type!r}: expected online or online_movable")
     st = state(ctx)
-    with connection(st.uri) as conn:
+    with connection(st.uri) as conn, contextlib.ExitStack() as held:
         dom = lookup_domain(conn, domain)
+        held.enter_context(lock.acquire([lock.domain_key(dom.UUIDString())], wait=wait_lock))
         affect = resolve_affect(dom, live=live, config=config, current=current, persistent=persistent)
         flags, is_live = affect.flags, affect.live
         xml = domain_xml(dom, inactive=not is_live)
@@ -89,12 +92,13 @@ def remove(
     device: Annotated[str, typer.Argument(metavar="ID", help="The DIMM's id or alias.")],
     verify: VerifyOpt = None, timeout: TimeoutOpt = 30.0,
     ssh: SSHOpt = None, ssh_key: SSHKeyOpt = None, known_hosts: KnownHostsOpt = None,
-    accept_new_host_key: AcceptNewOpt = False,
+    accept_new_host_key: AcceptNewOpt = False, wait_lock: WaitLockOpt = False,
 ) -> None:
     """Offline a DIMM's memory blocks in the guest, unplug it and wait, and check MemTotal shrank."""
     st = state(ctx)
-    with connection(st.uri) as conn:
+    with connection(st.uri) as conn, contextlib.ExitStack() as held:
         dom = lookup_domain(conn, domain)
+        held.enter_context(lock.acquire([lock.domain_key(dom.UUIDString())], wait=wait_lock))
         if not is_running(dom):
             raise errors.OperationInvalid(f"{domain} is not running: use `vhotplug detach --config` for the "
                                           "definition")
@@ -118,13 +122,14 @@ def balloon_cmd(
     ctx: typer.Context, domain: DomainArg, size: SizeArg,
     verify: VerifyOpt = None, timeout: TimeoutOpt = 30.0,
     ssh: SSHOpt = None, ssh_key: SSHKeyOpt = None, known_hosts: KnownHostsOpt = None,
-    accept_new_host_key: AcceptNewOpt = False,
+    accept_new_host_key: AcceptNewOpt = False, wait_lock: WaitLockOpt = False,
 ) -> None:
     """Set the live balloon target (the seed's ballooning) and wait until the guest's MemTotal follows."""
     st = state(ctx)
     size_bytes = parse_size(size)
-    with connection(st.uri) as conn:
+    with connection(st.uri) as conn, contextlib.ExitStack() as held:
         dom = lookup_domain(conn, domain)
+        held.enter_context(lock.acquire([lock.domain_key(dom.UUIDString())], wait=wait_lock))
         if not is_running(dom):
             raise errors.OperationInvalid(f"{domain} is not running: the balloon only works on a running guest")
         session = open_guest(dom, verify=verify, live=True, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,

@@ -22,8 +22,10 @@ from vhotplug.cli.options import (
     SSHOpt,
     TimeoutOpt,
     VerifyOpt,
+    WaitLockOpt,
 )
 from vhotplug.cli.state import OutputFormat, state
+from vhotplug.host import lock
 from vhotplug.ops.vcpu import VcpuOutcome, counts, set_vcpus
 from vhotplug.virt.connection import connection, lookup_domain, resolve_affect
 
@@ -34,10 +36,11 @@ CountArg = Annotated[int, typer.Argument(help="How many vCPUs to add or remove."
 
 def _run(ctx: typer.Context, domain: str, *, target: int | None, delta: int, live: bool, config: bool,
          current: bool, persistent: bool, verify: bool | None, timeout: float, ssh: str | None,
-         ssh_key: Path | None, known_hosts: Path | None, accept_new_host_key: bool) -> None:
+         ssh_key: Path | None, known_hosts: Path | None, accept_new_host_key: bool, wait_lock: bool) -> None:
     st = state(ctx)
-    with connection(st.uri) as conn:
+    with connection(st.uri) as conn, contextlib.ExitStack() as held:
         dom = lookup_domain(conn, domain)
+        held.enter_context(lock.acquire([lock.domain_key(dom.UUIDString())], wait=wait_lock))
         affect = resolve_affect(dom, live=live, config=config, current=current, persistent=persistent)
         is_live, is_config = affect.live, affect.config
         n = target if target is not None else counts(dom, live=is_live)[0] + delta
@@ -68,11 +71,11 @@ def set_(ctx: typer.Context, domain: DomainArg, count: Annotated[int, typer.Argu
          live: LiveOpt = False, config: ConfigOpt = False, current: CurrentOpt = False,
          persistent: PersistentOpt = False, verify: VerifyOpt = None, timeout: TimeoutOpt = 30.0,
          ssh: SSHOpt = None, ssh_key: SSHKeyOpt = None, known_hosts: KnownHostsOpt = None,
-         accept_new_host_key: AcceptNewOpt = False) -> None:
+         accept_new_host_key: AcceptNewOpt = False, wait_lock: WaitLockOpt = False) -> None:
     """Set the vCPU count; new CPUs are onlined in the guest, removed ones offlined first."""
     _run(ctx, domain, target=count, delta=0, live=live, config=config, current=current, persistent=persistent,
          verify=verify, timeout=timeout, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
-         accept_new_host_key=accept_new_host_key)
+         accept_new_host_key=accept_new_host_key, wait_lock=wait_lock)
 
 
 @app.command()
@@ -80,11 +83,11 @@ def add(ctx: typer.Context, domain: DomainArg, count: CountArg = 1,
         live: LiveOpt = False, config: ConfigOpt = False, current: CurrentOpt = False,
         persistent: PersistentOpt = False, verify: VerifyOpt = None, timeout: TimeoutOpt = 30.0,
         ssh: SSHOpt = None, ssh_key: SSHKeyOpt = None, known_hosts: KnownHostsOpt = None,
-        accept_new_host_key: AcceptNewOpt = False) -> None:
+        accept_new_host_key: AcceptNewOpt = False, wait_lock: WaitLockOpt = False) -> None:
     """Hot-add COUNT vCPUs (default 1) and online them in the guest (`echo 1 > .../cpuN/online`)."""
     _run(ctx, domain, target=None, delta=count, live=live, config=config, current=current, persistent=persistent,
          verify=verify, timeout=timeout, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
-         accept_new_host_key=accept_new_host_key)
+         accept_new_host_key=accept_new_host_key, wait_lock=wait_lock)
 
 
 @app.command()
@@ -92,7 +95,7 @@ def remove(ctx: typer.Context, domain: DomainArg, count: CountArg = 1,
            live: LiveOpt = False, config: ConfigOpt = False, current: CurrentOpt = False,
            persistent: PersistentOpt = False, verify: VerifyOpt = None, timeout: TimeoutOpt = 30.0,
            ssh: SSHOpt = None, ssh_key: SSHKeyOpt = None, known_hosts: KnownHostsOpt = None,
-           accept_new_host_key: AcceptNewOpt = False) -> None:
+           accept_new_host_key: AcceptNewOpt = False, wait_lock: WaitLockOpt = False) -> None:
     """Offline COUNT vCPUs (default 1) in the guest, then hot-remove them and reconcile the outcome.
 
     If libvirt times out while the guest did eject the CPUs (seen with QEMU 7.2 under TCG), both views are
@@ -100,4 +103,4 @@ def remove(ctx: typer.Context, domain: DomainArg, count: CountArg = 1,
     """
     _run(ctx, domain, target=None, delta=-count, live=live, config=config, current=current, persistent=persistent,
          verify=verify, timeout=timeout, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
-         accept_new_host_key=accept_new_host_key)
+         accept_new_host_key=accept_new_host_key, wait_lock=wait_lock)
