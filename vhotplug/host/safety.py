@@ -142,6 +142,8 @@ def enforce(refusals: list[Refusal], *, force: bool, what: str) -> None:
         return
     reasons = "; ".join(r.reason for r in left)
     message = f"refusing to give {what} to a guest: {reasons}"
+    if set_aside := [r for r in refusals if force and r.forceable]:
+        message += f" (--force set aside: {'; '.join(r.reason for r in set_aside)})"
     hints = []
     if any(r.check == "iommu" for r in left):
         hints.append(IOMMU_HINT)
