@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # The hand-written equivalent of one `vhotplug attach nic --verify` + `vhotplug detach --verify`:
 # virsh attach-device, ssh-poll every 0.1 s until the guest shows the MAC, virsh detach-device,
-# ssh-poll until it is gone. Arguments: URI DOMAIN XMLFILE MAC PORT KEY KNOWN_HOSTS
+# ssh-poll until it is gone. Arguments: URI DOMAIN XMLFILE MAC PORT KEY KNOWN_HOSTS [CONTROL_PATH]
+# With CONTROL_PATH, ssh shares one connection (OpenSSH ControlMaster/ControlPersist), as a careful
+# operator's loop would.
 set -euo pipefail
-uri=$1 dom=$2 xml=$3 mac=$4 port=$5 key=$6 known=$7
+uri=$1 dom=$2 xml=$3 mac=$4 port=$5 key=$6 known=$7 control=${8:-}
+share=()
+[[ -n $control ]] && share=(-o ControlMaster=auto -o "ControlPath=$control" -o ControlPersist=60)
 ssh_guest() {
     ssh -q -i "$key" -p "$port" -o UserKnownHostsFile="$known" -o StrictHostKeyChecking=yes \
-        -o IdentitiesOnly=yes -o BatchMode=yes root@127.0.0.1 "$@"
+        -o IdentitiesOnly=yes -o BatchMode=yes "${share[@]}" root@127.0.0.1 "$@"
 }
 has_mac() { ssh_guest "cat /sys/class/net/*/address" | grep -qx "$mac"; }
 

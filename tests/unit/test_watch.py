@@ -341,7 +341,7 @@ class LocalTransport:
 
 
 class LocalSession:
-    """The two things a watch uses of GuestSession: ``transport()`` and ``run(argv)``."""
+    """The two things a watch uses of GuestSession: ``open_exec(command)`` and ``run(argv)``."""
 
     target = "local-busybox"
 
@@ -353,6 +353,11 @@ class LocalSession:
 
     def transport(self) -> LocalTransport:
         return self._transport
+
+    def open_exec(self, command: str, *, timeout: float = 30.0) -> LocalChannel:
+        chan = self._transport.open_session(timeout=timeout)
+        chan.exec_command(command)
+        return chan
 
     def run(self, argv: list[str], *, timeout: float = 30.0, check: bool = True) -> Result:
         self.ran.append(argv)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import libvirt
 import typer
@@ -15,9 +15,10 @@ from vhotplug.cli.guest_access import open_guest
 from vhotplug.cli.options import AcceptNewOpt, DomainArg, KnownHostsOpt, SSHKeyOpt, SSHOpt
 from vhotplug.cli.state import OutputFormat, state
 from vhotplug.guest.ssh import GuestSession
-from vhotplug.ops.check import CheckReport, Row, guest_not_checked
-from vhotplug.ops.check import check as run_check
 from vhotplug.virt.connection import connection, domain_xml, is_running, lookup_domain
+
+if TYPE_CHECKING:
+    from vhotplug.ops.check import CheckReport, Row
 
 COLUMNS = [("item", "ITEM"), ("status", "STATUS"), ("detail", "DETAILS"), ("fix", "WHAT TO DO")]
 _GUEST_ERRORS = (errors.GuestUnreachable, errors.GuestHostKeyError, errors.Timeout)
@@ -43,6 +44,8 @@ def check(
     guest access, also the guest kernel's hot-plug support: its config when
     readable, else evidence in sysfs. Changes nothing; exits 0 whatever it finds.
     """
+    from vhotplug.ops.check import check as run_check  # only this command needs it
+
     st = state(ctx)
     with connection(st.uri) as conn:
         dom = lookup_domain(conn, domain)
@@ -63,6 +66,8 @@ def _guest_session(dom: libvirt.virDomain, guest: bool | None, running: bool, ss
                    ssh_key: Path | None, known_hosts: Path | None,
                    accept_new: bool) -> tuple[GuestSession | None, Row | None]:
     """(session, None) when the guest is checked, else (None, a row saying why not)."""
+    from vhotplug.ops.check import guest_not_checked
+
     if guest is False:
         return None, None
     if not running:

@@ -30,4 +30,4 @@ def open_guest(dom: libvirt.virDomain, *, verify: bool | None, live: bool, ssh: 
     if verify is None and not ssh and recorded is None:
         return None
     target = resolve_target(dom, ssh=ssh, key=ssh_key, known_hosts=known_hosts, metadata=recorded)
-    return GuestSession(target, accept_new_host_key=accept_new_host_key).connect()
+    return GuestSession(target, accept_new_host_key=accept_new_host_key, share=True).connect()

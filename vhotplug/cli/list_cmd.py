@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from vhotplug.cli import output
 from vhotplug.cli.options import AcceptNewOpt, DomainArg, KnownHostsOpt, SSHKeyOpt, SSHOpt
 from vhotplug.cli.state import OutputFormat, state
-from vhotplug.guest.probe import GuestView, guest_view
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.guest.target import resolve_target
 from vhotplug.virt.connection import connection, domain_xml, is_running, lookup_domain
 from vhotplug.virt.devices import hotpluggable_devices
+
+if TYPE_CHECKING:
+    from vhotplug.guest.probe import GuestView
 
 DEVICE_COLUMNS = [("kind", "KIND"), ("alias", "ALIAS"), ("address", "GUEST ADDRESS"),
                   ("model", "MODEL/BUS"), ("source", "SOURCE"), ("identity", "MAC/TARGET")]
@@ -44,7 +46,9 @@ def list_devices(
         view: GuestView | None = None
         if guest:
             target = resolve_target(dom, ssh=ssh, key=ssh_key, known_hosts=known_hosts)
-            with GuestSession(target, accept_new_host_key=accept_new_host_key) as session:
+            with GuestSession(target, accept_new_host_key=accept_new_host_key, share=True) as session:
+                from vhotplug.guest.probe import guest_view  # only --guest needs it
+
                 view = guest_view(session)
         name = dom.name()
 

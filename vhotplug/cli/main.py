@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 from typing import Annotated
 
 import libvirt
@@ -86,6 +85,12 @@ app.add_typer(host_cmd.app, name="host")
 app.add_typer(info_cmd.app, name="info")
 
 
+def _print_traceback() -> None:
+    import traceback  # --debug only: most runs never need it
+
+    traceback.print_exc()
+
+
 def _report(exc: VhotplugError) -> None:
     print(f"vhotplug: error: {exc.message}", file=sys.stderr)
     if exc.hint:
@@ -100,12 +105,12 @@ def run(args: list[str]) -> int:
         rv = command.main(args=args, prog_name="vhotplug", standalone_mode=False)
     except VhotplugError as exc:
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         _report(exc)
         return int(exc.exit_code)
     except libvirt.libvirtError as exc:  # a libvirt error no layer translated: still one line, not a traceback
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         err = translate(exc)
         _report(err)
         return int(err.exit_code)

@@ -26,10 +26,7 @@ from vhotplug.cli.options import (
     WaitLockOpt,
 )
 from vhotplug.cli.state import OutputFormat, state
-from vhotplug.devices.dimm import DEFAULT_BLOCK_BYTES, dimm_spec, dimm_xml
-from vhotplug.guest import hotplug
 from vhotplug.host import lock
-from vhotplug.ops.memory import add_dimm, balloon, check_room, layout, remove_dimm
 from vhotplug.units import format_size, parse_size
 from vhotplug.virt.connection import connection, domain_xml, is_running, lookup_domain, resolve_affect
 from vhotplug.virt.devices import used_names
@@ -52,6 +49,10 @@ def add(
     accept_new_host_key: AcceptNewOpt = False, wait_lock: WaitLockOpt = False,
 ) -> None:
     """Hot-add a memory DIMM, online its memory blocks in the guest, and check MemTotal grew by its size."""
+    from vhotplug.devices.dimm import DEFAULT_BLOCK_BYTES, dimm_spec, dimm_xml  # memory commands only
+    from vhotplug.guest import hotplug
+    from vhotplug.ops.memory import add_dimm, check_room, layout
+
     if online_type not in ("online", "online_movable"):
         raise errors.InvalidRequest(f"invalid --online-type {online_type!r}: expected online or online_movable")
     st = state(ctx)
@@ -95,6 +96,10 @@ def remove(
     accept_new_host_key: AcceptNewOpt = False, wait_lock: WaitLockOpt = False,
 ) -> None:
     """Offline a DIMM's memory blocks in the guest, unplug it and wait, and check MemTotal shrank."""
+    from vhotplug.devices.dimm import DEFAULT_BLOCK_BYTES  # memory commands only
+    from vhotplug.guest import hotplug
+    from vhotplug.ops.memory import remove_dimm
+
     st = state(ctx)
     with connection(st.uri) as conn, contextlib.ExitStack() as held:
         dom = lookup_domain(conn, domain)
@@ -125,6 +130,8 @@ def balloon_cmd(
     accept_new_host_key: AcceptNewOpt = False, wait_lock: WaitLockOpt = False,
 ) -> None:
     """Set the live balloon target (the seed's ballooning) and wait until the guest's MemTotal follows."""
+    from vhotplug.ops.memory import balloon  # memory commands only
+
     st = state(ctx)
     size_bytes = parse_size(size)
     with connection(st.uri) as conn, contextlib.ExitStack() as held:

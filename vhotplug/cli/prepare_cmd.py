@@ -9,7 +9,6 @@ import typer
 from vhotplug.cli import output
 from vhotplug.cli.options import DomainArg
 from vhotplug.cli.state import OutputFormat, state
-from vhotplug.ops.prepare import make_request, prepare_domain
 from vhotplug.virt.connection import connection, lookup_domain
 
 NEXT_BOOT = "takes effect at the next boot (the running domain is unchanged)"
@@ -37,6 +36,8 @@ def prepare(
     (QEMU needs one for memory hot-plug) and, on q35, enough free
     pcie-root-ports. The running domain is not changed; a second run is a no-op.
     """
+    from vhotplug.ops.prepare import make_request, prepare_domain  # only this command needs it
+
     st = state(ctx)
     req = make_request(max_vcpus=max_vcpus, max_memory=max_memory, slots=slots, pcie_ports=pcie_ports)
     with connection(st.uri) as conn:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -26,8 +26,10 @@ from vhotplug.cli.options import (
 )
 from vhotplug.cli.state import OutputFormat, state
 from vhotplug.host import lock
-from vhotplug.ops.vcpu import VcpuOutcome, counts, set_vcpus
 from vhotplug.virt.connection import connection, lookup_domain, resolve_affect
+
+if TYPE_CHECKING:
+    from vhotplug.ops.vcpu import VcpuOutcome
 
 app = typer.Typer(no_args_is_help=True, help="Hot-add and hot-remove vCPUs, onlining/offlining them in the guest.")
 
@@ -37,6 +39,8 @@ CountArg = Annotated[int, typer.Argument(help="How many vCPUs to add or remove."
 def _run(ctx: typer.Context, domain: str, *, target: int | None, delta: int, live: bool, config: bool,
          current: bool, persistent: bool, verify: bool | None, timeout: float, ssh: str | None,
          ssh_key: Path | None, known_hosts: Path | None, accept_new_host_key: bool, wait_lock: bool) -> None:
+    from vhotplug.ops.vcpu import counts, set_vcpus  # vcpu commands only
+
     st = state(ctx)
     with connection(st.uri) as conn, contextlib.ExitStack() as held:
         dom = lookup_domain(conn, domain)

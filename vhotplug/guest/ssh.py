@@ -2,6 +2,11 @@
 
 Every remote command is built from an argv list with ``shlex.join`` (or is a
 fixed script shipped with vhotplug): user text is never pasted into a shell line.
+
+A session made with ``share=True`` (the CLI's) first looks for a connection-sharing
+master for the same target (:mod:`vhotplug.guest.mux`) and runs its commands through
+it; without one it connects itself and starts one in the background for the next
+command. paramiko is imported only when this process connects itself.
 """
 
 from __future__ import annotations
@@ -9,15 +14,19 @@ from __future__ import annotations
 import logging
 import shlex
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-
-import paramiko
+from typing import TYPE_CHECKING, Any
 
 from vhotplug import errors
+from vhotplug.guest import mux
 from vhotplug.guest.target import SSHTarget
+
+if TYPE_CHECKING:
+    import paramiko
 
 # paramiko's transport thread logs failed handshakes (expected while a guest boots)
 # with tracebacks; we report errors ourselves, so keep its log off the terminal.
@@ -35,14 +44,32 @@ class GuestSession:
     """An SSH connection to a guest; use as a context manager."""
 
     def __init__(self, target: SSHTarget, *, accept_new_host_key: bool = False,
-                 connect_timeout: float = 10.0) -> None:
+                 connect_timeout: float = 10.0, share: bool = False) -> None:
         self.target = target
         self._accept_new = accept_new_host_key
         self._timeout = connect_timeout
+        self._share = share
         self._client: paramiko.SSHClient | None = None
+        self._mux: mux.MuxClient | None = None
+
+    @property
+    def shared(self) -> bool:
+        """True when commands go through a connection-sharing master (no SSH handshake of our own)."""
+        return self._mux is not None
 
     # -- connection -----------------------------------------------------
     def connect(self) -> GuestSession:
+        if self._share and (client := mux.attach(self.target)) is not None:
+            self._mux = client
+            return self
+        self._connect_direct()
+        if self._share:
+            mux.start_master(self.target)
+        return self
+
+    def _connect_direct(self) -> None:
+        import paramiko
+
         t = self.target
         client = paramiko.SSHClient()
         known = t.known_hosts or Path.home() / ".ssh" / "known_hosts"
@@ -58,7 +85,7 @@ class GuestSession:
             )
         if self._accept_new:
             known.parent.mkdir(parents=True, exist_ok=True)
-            client.set_missing_host_key_policy(_RecordNewKey(known))
+            client.set_missing_host_key_policy(_record_new_key(known))
         else:
             client.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:
@@ -92,15 +119,15 @@ class GuestSession:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
             raise errors.GuestUnreachable(f"cannot reach guest at {t} ({t.source}): {reason}") from exc
         self._client = client
-        return self
 
     def close(self) -> None:
+        self._mux = None
         if self._client is not None:
             self._client.close()
             self._client = None
 
     def __enter__(self) -> GuestSession:
-        return self.connect() if self._client is None else self
+        return self.connect() if self._client is None and self._mux is None else self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -113,18 +140,26 @@ class GuestSession:
 
     def run_script(self, script: str, *, timeout: float = 30.0, check: bool = True) -> Result:
         """Run a fixed shell script that vhotplug owns (no user text inside)."""
-        if self._client is None:
+        if self._client is None and self._mux is None:
             self.connect()
-        assert self._client is not None
         try:
-            stdin, stdout, stderr = self._client.exec_command(script, timeout=timeout)
-            stdin.close()
-            out = stdout.read().decode(errors="replace")
-            err = stderr.read().decode(errors="replace")
-            status = stdout.channel.recv_exit_status()
+            if self._mux is not None:
+                chan = self.open_exec(script, timeout=timeout)
+                try:
+                    raw_out, raw_err, status = chan.read_all(timeout)  # type: ignore[union-attr]
+                finally:
+                    chan.close()
+                out, err = raw_out.decode(errors="replace"), raw_err.decode(errors="replace")
+            else:
+                assert self._client is not None
+                stdin, stdout, stderr = self._client.exec_command(script, timeout=timeout)
+                stdin.close()
+                out = stdout.read().decode(errors="replace")
+                err = stderr.read().decode(errors="replace")
+                status = stdout.channel.recv_exit_status()
         except TimeoutError as exc:
             raise errors.Timeout(f"command in guest {self.target} did not finish within {timeout:g} s") from exc
-        except (paramiko.SSHException, OSError, EOFError) as exc:
+        except ssh_errors() as exc:
             raise errors.GuestUnreachable(f"lost the SSH connection to {self.target}: {exc}") from exc
         result = Result(status, out, err)
         if check and status != 0:
@@ -134,6 +169,23 @@ class GuestSession:
             )
         return result
 
+    def open_exec(self, command: str, *, timeout: float = 30.0) -> Any:
+        """Start ``command`` on a channel of its own and return that channel (paramiko's, or the
+        sharing master's with the same recv/recv_stderr/status_event/recv_exit_status/close).
+
+        A master that went away since ``connect`` is dropped before the command is sent, and the
+        session connects itself instead, so a command never runs twice.
+        """
+        if self._mux is not None:
+            try:
+                return self._mux.open_exec(command, timeout=timeout)
+            except OSError:
+                self._mux = None
+                self._connect_direct()
+        chan = self.transport().open_session(timeout=timeout)
+        chan.exec_command(command)
+        return chan
+
     def transport(self) -> paramiko.Transport:
         """The live SSH transport (connecting first if needed), for callers that open their own channel.
 
@@ -141,7 +193,7 @@ class GuestSession:
         run on the same connection; ``run`` cannot give it one.
         """
         if self._client is None:
-            self.connect()
+            self._connect_direct()
         assert self._client is not None
         transport = self._client.get_transport()
         if transport is None or not transport.is_active():
@@ -157,16 +209,24 @@ def _open_socket(t: SSHTarget, timeout: float) -> socket.socket:
     return sock
 
 
-class _RecordNewKey(paramiko.MissingHostKeyPolicy):
+def ssh_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "the SSH connection failed": paramiko's only once it is loaded
+    (a process that never imported it cannot meet them)."""
+    pm = sys.modules.get("paramiko")
+    return (OSError, EOFError, pm.SSHException) if pm is not None else (OSError, EOFError)
+
+
+def _record_new_key(path: Path) -> paramiko.MissingHostKeyPolicy:
     """--accept-new-host-key: trust an unknown key once and append it (a changed key still fails)."""
+    import paramiko
 
-    def __init__(self, path: Path) -> None:
-        self._path = path
+    class _RecordNewKey(paramiko.MissingHostKeyPolicy):
+        def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+            client.get_host_keys().add(hostname, key.get_name(), key)
+            with path.open("a") as fh:
+                fh.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
 
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        client.get_host_keys().add(hostname, key.get_name(), key)
-        with self._path.open("a") as fh:
-            fh.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+    return _RecordNewKey()
 
 
 def wait_for_ssh(target: SSHTarget, *, deadline: float, interval: float = 0.25) -> float:

@@ -40,12 +40,10 @@ import shlex
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Literal
-
-import paramiko
+from typing import Any, Literal
 
 from vhotplug import errors
-from vhotplug.guest.ssh import GuestSession
+from vhotplug.guest.ssh import GuestSession, ssh_errors
 
 Kind = Literal["nic", "disk", "pci", "usb"]
 
@@ -420,7 +418,7 @@ def watch_command(identity: Identity, *, present: bool, timeout: float, sysroot:
 class Watch:
     """A running watcher in the guest; get the outcome with ``result()``, or ``cancel()`` it."""
 
-    def __init__(self, session: GuestSession, channel: paramiko.Channel, identity: Identity, *, present: bool,
+    def __init__(self, session: GuestSession, channel: Any, identity: Identity, *, present: bool,
                  timeout: float) -> None:
         self._session = session
         self._chan = channel
@@ -450,7 +448,7 @@ class Watch:
                 if not data:  # end of the stream: never loop on an empty read
                     break
                 chunks.append(data)
-        except (OSError, EOFError, paramiko.SSHException):
+        except ssh_errors():
             pass
         return b"".join(chunks).decode(errors="replace").strip()
 
@@ -465,7 +463,7 @@ class Watch:
                 data = self._chan.recv(4096)
             except TimeoutError:
                 raise TimeoutError from None
-            except (OSError, EOFError, paramiko.SSHException) as exc:
+            except ssh_errors() as exc:
                 raise errors.GuestUnreachable(f"lost the SSH connection to {self._session.target}: {exc}") from exc
             if not data:
                 if self._buf:
@@ -605,11 +603,9 @@ def start_watch(session: GuestSession, identity: Identity, *, present: bool, tim
     read in place of / (for /sys and /proc).
     """
     command = watch_command(identity, present=present, timeout=timeout, sysroot=sysroot)
-    transport = session.transport()
     try:
-        channel = transport.open_session(timeout=START_TIMEOUT)
-        channel.exec_command(command)
-    except (OSError, EOFError, paramiko.SSHException) as exc:
+        channel = session.open_exec(command, timeout=START_TIMEOUT)
+    except ssh_errors() as exc:
         raise errors.GuestUnreachable(f"cannot start the watcher in guest {session.target}: {exc}") from exc
     watch = Watch(session, channel, identity, present=present, timeout=timeout)
     watch._wait_start()
