@@ -4,8 +4,10 @@ commands and watchers work through it, and the master ends by itself when idle."
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import struct
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,11 +23,11 @@ PERSIST = 3.0
 
 @pytest.fixture
 def sharing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    run = Path("/tmp") / f"vhmux-lab-{os.getpid()}"
-    run.mkdir(exist_ok=True)
+    run = Path(tempfile.mkdtemp(prefix="vhmux-lab-", dir="/tmp"))  # Unix socket paths must stay short
     monkeypatch.setenv("VHOTPLUG_RUN_DIR", str(run))
     monkeypatch.setenv("VHOTPLUG_SSH_PERSIST", str(PERSIST))
     yield run
+    shutil.rmtree(run, ignore_errors=True)
 
 
 def poll(condition, timeout: float, what: str) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import struct
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,14 +16,11 @@ from vhotplug.guest.target import SSHTarget
 
 @pytest.fixture(autouse=True)
 def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    short = Path("/tmp") / f"vhmux-{tmp_path.name[-12:]}"
-    short.mkdir(exist_ok=True)
+    short = Path(tempfile.mkdtemp(prefix="vhmux-", dir="/tmp"))  # Unix socket paths must stay short
     monkeypatch.setenv("VHOTPLUG_RUN_DIR", str(short))
     monkeypatch.delenv("VHOTPLUG_SSH_PERSIST", raising=False)
     yield short
-    for p in sorted(short.rglob("*"), reverse=True):
-        p.unlink() if not p.is_dir() else p.rmdir()
-    short.rmdir()
+    shutil.rmtree(short)
 
 
 def test_frames_round_trip_and_end():
@@ -66,7 +65,7 @@ def test_no_master_stale_socket_and_sharing_off(monkeypatch, run_dir):
     target = SSHTarget("127.0.0.1", 2222)
     assert mux.attach(target) is None  # nothing there
     path = mux.socket_path(target)
-    path.parent.mkdir(parents=True)
+    path.parent.mkdir(mode=0o700, parents=True)
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     dead.bind(str(path))
     dead.close()  # a killed master's socket file: connection refused
@@ -81,7 +80,7 @@ def test_no_master_stale_socket_and_sharing_off(monkeypatch, run_dir):
 def test_hello_needs_the_masters_ok(run_dir):
     target = SSHTarget("127.0.0.1", 2222)
     path = mux.socket_path(target)
-    path.parent.mkdir(parents=True)
+    path.parent.mkdir(mode=0o700, parents=True)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
     server.listen(1)
@@ -136,3 +135,18 @@ def test_peer_credentials_are_checked():
     a, b = socket.socketpair()
     with a, b:
         assert mux._same_user(a)
+
+
+def test_a_socket_in_a_directory_others_can_enter_is_not_trusted(run_dir):
+    target = SSHTarget("127.0.0.1", 2222)
+    path = mux.socket_path(target)
+    path.parent.mkdir(mode=0o700, parents=True)
+    path.parent.chmod(0o777)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    with server:
+        assert mux.attach(target) is None  # refused before even connecting
+        path.parent.chmod(0o700)
+        server.settimeout(0.01)
+        assert mux._private_dir(path.parent)

@@ -221,9 +221,11 @@ class MuxClient:
         return MuxChannel(sock)
 
     def hello(self) -> bool:
-        """True when the master answers and its guest connection is up."""
+        """True when a master of our own uid answers and its guest connection is up."""
         try:
             with self._connect(HELLO_TIMEOUT) as sock:
+                if not _same_user(sock):  # whoever listens there must be us: it speaks for the guest
+                    return False
                 send_frame(sock, b"q", b'{"op": "hello"}')
                 frame = recv_frame(sock)
         except OSError:
@@ -234,6 +236,8 @@ class MuxClient:
 def attach(target: SSHTarget) -> MuxClient | None:
     """A live master for ``target``, or None (sharing off, none running, or it no longer works)."""
     if persist_seconds() <= 0 or (path := socket_path(target)) is None or not path.exists():
+        return None
+    if not _private_dir(path.parent):
         return None
     client = MuxClient(path)
     return client if client.hello() else None
@@ -348,6 +352,15 @@ class Master:
             with self._lock:
                 self._active -= 1
                 self._last = time.monotonic()
+
+
+def _private_dir(directory: Path) -> bool:
+    """The socket directory is ours and nobody else can enter it (else a socket there proves nothing)."""
+    try:
+        st = os.lstat(directory)
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and (st.st_mode & 0o077) == 0 and not os.path.islink(directory)
 
 
 def _same_user(conn: socket.socket) -> bool:
