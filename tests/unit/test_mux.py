@@ -150,3 +150,11 @@ def test_a_socket_in_a_directory_others_can_enter_is_not_trusted(run_dir):
         path.parent.chmod(0o700)
         server.settimeout(0.01)
         assert mux._private_dir(path.parent)
+
+
+def test_a_jump_host_is_part_of_the_login(tmp_path):
+    direct = SSHTarget("127.0.0.1", 22, "root", tmp_path / "k", tmp_path / "kh")
+    via = SSHTarget("127.0.0.1", 22, "root", tmp_path / "k", tmp_path / "kh", jump=SSHTarget("127.0.0.1", 2200))
+    assert mux.socket_path(direct) != mux.socket_path(via)
+    spec = mux._identity(via)
+    assert mux._target(spec).jump == SSHTarget("127.0.0.1", 2200, source="shared connection")

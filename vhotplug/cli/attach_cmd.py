@@ -22,6 +22,7 @@ from vhotplug.cli.options import (
     LiveOpt,
     PersistentOpt,
     PrintXmlOpt,
+    SSHJumpOpt,
     SSHKeyOpt,
     SSHOpt,
     TimeoutOpt,
@@ -64,7 +65,7 @@ def nic(
     live: LiveOpt = False, config: ConfigOpt = False, current: CurrentOpt = False, persistent: PersistentOpt = False,
     print_xml: PrintXmlOpt = False, verify: VerifyOpt = None, timeout: TimeoutOpt = 30.0,
     ssh: SSHOpt = None, ssh_key: SSHKeyOpt = None, known_hosts: KnownHostsOpt = None,
-    accept_new_host_key: AcceptNewOpt = False, wait_lock: WaitLockOpt = False,
+    accept_new_host_key: AcceptNewOpt = False, ssh_jump: SSHJumpOpt = None, wait_lock: WaitLockOpt = False,
 ) -> None:
     """Hot-plug a NIC (the seed's `device_add` of a network card), then find it in the guest by its MAC.
 
@@ -88,7 +89,7 @@ def nic(
         if is_live:
             check_pci_room(live_xml, conventional=spec.model in CONVENTIONAL_MODELS, what=f"a {spec.model} NIC")
         session = open_guest(dom, verify=verify, live=is_live, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
-                             accept_new_host_key=accept_new_host_key)
+                             accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump)
         if ping and session is None:
             raise errors.InvalidRequest("--ping needs the guest check: a live attach with guest SSH access",
                                         hint="pass --ssh USER@HOST (and --ssh-key)")
@@ -116,7 +117,7 @@ def disk(
     live: LiveOpt = False, config: ConfigOpt = False, current: CurrentOpt = False, persistent: PersistentOpt = False,
     print_xml: PrintXmlOpt = False, verify: VerifyOpt = None, timeout: TimeoutOpt = 30.0,
     ssh: SSHOpt = None, ssh_key: SSHKeyOpt = None, known_hosts: KnownHostsOpt = None,
-    accept_new_host_key: AcceptNewOpt = False, wait_lock: WaitLockOpt = False,
+    accept_new_host_key: AcceptNewOpt = False, ssh_jump: SSHJumpOpt = None, wait_lock: WaitLockOpt = False,
 ) -> None:
     """Hot-plug a disk (virtio, SCSI, or USB storage with --bus usb), then find it in the guest by its serial."""
     st = state(ctx)
@@ -136,7 +137,7 @@ def disk(
         if is_live:
             _check_disk_room(live_xml, spec)
         session = open_guest(dom, verify=verify, live=is_live, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
-                             accept_new_host_key=accept_new_host_key)
+                             accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump)
         if spec.create_bytes:
             create_image(spec)
         try:

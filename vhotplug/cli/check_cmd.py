@@ -12,7 +12,7 @@ import typer
 from vhotplug import errors
 from vhotplug.cli import output
 from vhotplug.cli.guest_access import open_guest
-from vhotplug.cli.options import AcceptNewOpt, DomainArg, KnownHostsOpt, SSHKeyOpt, SSHOpt
+from vhotplug.cli.options import AcceptNewOpt, DomainArg, KnownHostsOpt, SSHJumpOpt, SSHKeyOpt, SSHOpt
 from vhotplug.cli.state import OutputFormat, state
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.virt.connection import connection, domain_xml, is_running, lookup_domain
@@ -35,7 +35,7 @@ def check(
     ssh: SSHOpt = None,
     ssh_key: SSHKeyOpt = None,
     known_hosts: KnownHostsOpt = None,
-    accept_new_host_key: AcceptNewOpt = False,
+    accept_new_host_key: AcceptNewOpt = False, ssh_jump: SSHJumpOpt = None,
 ) -> None:
     """Show what can be hot-plugged into DOMAIN now, why not, and what to do.
 
@@ -55,7 +55,8 @@ def check(
         name = dom.name()
         live_xml = domain_xml(dom)
         config_xml = domain_xml(dom, inactive=True) if running else None
-        session, note = _guest_session(dom, guest, running, ssh, ssh_key, known_hosts, accept_new_host_key)
+        session, note = _guest_session(dom, guest, running, ssh, ssh_key, known_hosts, accept_new_host_key,
+                                       ssh_jump)
         with session or contextlib.nullcontext():
             report = run_check(name, running=running, live_xml=live_xml, config_xml=config_xml,
                                session=session, guest_note=note)
@@ -64,7 +65,7 @@ def check(
 
 def _guest_session(dom: libvirt.virDomain, guest: bool | None, running: bool, ssh: str | None,
                    ssh_key: Path | None, known_hosts: Path | None,
-                   accept_new: bool) -> tuple[GuestSession | None, Row | None]:
+                   accept_new: bool, ssh_jump: str | None = None) -> tuple[GuestSession | None, Row | None]:
     """(session, None) when the guest is checked, else (None, a row saying why not)."""
     from vhotplug.ops.check import guest_not_checked
 
@@ -75,7 +76,7 @@ def _guest_session(dom: libvirt.virDomain, guest: bool | None, running: bool, ss
     explicit = bool(guest or ssh)
     try:
         session = open_guest(dom, verify=guest, live=True, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
-                             accept_new_host_key=accept_new)
+                             accept_new_host_key=accept_new, ssh_jump=ssh_jump)
     except _GUEST_ERRORS as exc:
         if explicit:  # asked for by name: failing to reach it is the command's failure
             raise

@@ -21,6 +21,7 @@ from vhotplug.cli.options import (
     KnownHostsOpt,
     LiveOpt,
     PersistentOpt,
+    SSHJumpOpt,
     SSHKeyOpt,
     SSHOpt,
     TimeoutOpt,
@@ -42,7 +43,7 @@ def detach(
     live: LiveOpt = False, config: ConfigOpt = False, current: CurrentOpt = False, persistent: PersistentOpt = False,
     verify: VerifyOpt = None, timeout: TimeoutOpt = 30.0,
     ssh: SSHOpt = None, ssh_key: SSHKeyOpt = None, known_hosts: KnownHostsOpt = None,
-    accept_new_host_key: AcceptNewOpt = False,
+    accept_new_host_key: AcceptNewOpt = False, ssh_jump: SSHJumpOpt = None,
     keep_detached: Annotated[bool, typer.Option(
         "--keep-detached", help="For an unmanaged host PCI device: leave it on vfio-pci instead of giving it back "
                                 "to its host driver.")] = False,
@@ -73,7 +74,7 @@ def detach(
             raise errors.InvalidRequest(f"--keep-detached is for host PCI devices; {device!r} is not one")
         with lock.acquire(keys, wait=wait_lock):
             session = open_guest(dom, verify=verify, live=is_live, ssh=ssh, ssh_key=ssh_key,
-                                 known_hosts=known_hosts, accept_new_host_key=accept_new_host_key)
+                                 known_hosts=known_hosts, accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump)
             with session or contextlib.nullcontext():
                 if element is not None:
                     from vhotplug.ops.passthrough import detach_hostdev  # host-side modules: hostdevs only

@@ -12,7 +12,8 @@ from vhotplug.guest.target import resolve_target, target_from_metadata
 
 
 def open_guest(dom: libvirt.virDomain, *, verify: bool | None, live: bool, ssh: str | None, ssh_key: Path | None,
-               known_hosts: Path | None, accept_new_host_key: bool) -> GuestSession | None:
+               known_hosts: Path | None, accept_new_host_key: bool,
+               ssh_jump: str | None = None) -> GuestSession | None:
     """A connected session when the guest should be checked, else None.
 
     ``verify=None`` (the default) checks when the guest's access is *known*: given
@@ -29,5 +30,5 @@ def open_guest(dom: libvirt.virDomain, *, verify: bool | None, live: bool, ssh: 
     recorded = None if ssh else target_from_metadata(dom.XMLDesc(0))
     if verify is None and not ssh and recorded is None:
         return None
-    target = resolve_target(dom, ssh=ssh, key=ssh_key, known_hosts=known_hosts, metadata=recorded)
+    target = resolve_target(dom, ssh=ssh, key=ssh_key, known_hosts=known_hosts, metadata=recorded, jump=ssh_jump)
     return GuestSession(target, accept_new_host_key=accept_new_host_key, share=True).connect()

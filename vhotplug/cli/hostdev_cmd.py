@@ -22,6 +22,7 @@ from vhotplug.cli.options import (
     LiveOpt,
     PersistentOpt,
     PrintXmlOpt,
+    SSHJumpOpt,
     SSHKeyOpt,
     SSHOpt,
     TimeoutOpt,
@@ -62,7 +63,7 @@ def pci(
     live: LiveOpt = False, config: ConfigOpt = False, current: CurrentOpt = False, persistent: PersistentOpt = False,
     print_xml: PrintXmlOpt = False, verify: VerifyOpt = None, timeout: TimeoutOpt = 30.0,
     ssh: SSHOpt = None, ssh_key: SSHKeyOpt = None, known_hosts: KnownHostsOpt = None,
-    accept_new_host_key: AcceptNewOpt = False, wait_lock: WaitLockOpt = False,
+    accept_new_host_key: AcceptNewOpt = False, ssh_jump: SSHJumpOpt = None, wait_lock: WaitLockOpt = False,
 ) -> None:
     """Give a host PCI function to a guest: checks, host detach (vfio-pci), attach, verify in the guest.
 
@@ -94,7 +95,7 @@ def pci(
                 check_pci_room(domain_xml(dom), conventional=False, what=plan.label)
             outcome, doc = _attach(conn, dom, plan, affect_flags=affect.flags, live=affect.live, verify=verify,
                                    timeout=timeout, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
-                                   accept_new_host_key=accept_new_host_key, ping=ping, uri=st.uri)
+                                   accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump, ping=ping, uri=st.uri)
     _report(st.output, domain, outcome, doc)
 
 
@@ -108,7 +109,7 @@ def usb(
     live: LiveOpt = False, config: ConfigOpt = False, current: CurrentOpt = False, persistent: PersistentOpt = False,
     print_xml: PrintXmlOpt = False, verify: VerifyOpt = None, timeout: TimeoutOpt = 30.0,
     ssh: SSHOpt = None, ssh_key: SSHKeyOpt = None, known_hosts: KnownHostsOpt = None,
-    accept_new_host_key: AcceptNewOpt = False, wait_lock: WaitLockOpt = False,
+    accept_new_host_key: AcceptNewOpt = False, ssh_jump: SSHJumpOpt = None, wait_lock: WaitLockOpt = False,
 ) -> None:
     """Give a host USB device to a guest (the seed's usb_add host:...), then find it in the guest by its ids.
 
@@ -136,18 +137,18 @@ def usb(
             plan = plan_usb(conn, dom, spec, id=id, force=force, facts_root=facts)
             outcome, doc = _attach(conn, dom, plan, affect_flags=affect.flags, live=affect.live, verify=verify,
                                    timeout=timeout, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
-                                   accept_new_host_key=accept_new_host_key, ping=None, uri=st.uri)
+                                   accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump, ping=None, uri=st.uri)
     _report(st.output, domain, outcome, doc)
 
 
 def _attach(conn: libvirt.virConnect, dom: libvirt.virDomain, plan: HostdevPlan, *, affect_flags: int, live: bool,
             verify: bool | None, timeout: float, ssh: str | None, ssh_key: Path | None, known_hosts: Path | None,
-            accept_new_host_key: bool, ping: str | None,
+            accept_new_host_key: bool, ssh_jump: str | None, ping: str | None,
             uri: str | None) -> tuple[PassthroughOutcome, dict[str, object]]:
     from vhotplug.ops.passthrough import attach_hostdev
 
     session = open_guest(dom, verify=verify, live=live, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
-                         accept_new_host_key=accept_new_host_key)
+                         accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump)
     if ping and session is None:
         raise errors.InvalidRequest("--ping needs the guest check: a live attach with guest SSH access",
                                     hint="pass --ssh USER@HOST (and --ssh-key)")

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from vhotplug.cli import output
-from vhotplug.cli.options import AcceptNewOpt, DomainArg, KnownHostsOpt, SSHKeyOpt, SSHOpt
+from vhotplug.cli.options import AcceptNewOpt, DomainArg, KnownHostsOpt, SSHJumpOpt, SSHKeyOpt, SSHOpt
 from vhotplug.cli.state import OutputFormat, state
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.guest.target import resolve_target
@@ -31,7 +31,7 @@ def list_devices(
     ssh: SSHOpt = None,
     ssh_key: SSHKeyOpt = None,
     known_hosts: KnownHostsOpt = None,
-    accept_new_host_key: AcceptNewOpt = False,
+    accept_new_host_key: AcceptNewOpt = False, ssh_jump: SSHJumpOpt = None,
 ) -> None:
     """List the hot-pluggable devices of DOMAIN (disks, NICs, hostdevs, DIMMs, ...).
 
@@ -45,7 +45,7 @@ def list_devices(
         devices = hotpluggable_devices(domain_xml(dom, inactive=inactive or not running))
         view: GuestView | None = None
         if guest:
-            target = resolve_target(dom, ssh=ssh, key=ssh_key, known_hosts=known_hosts)
+            target = resolve_target(dom, ssh=ssh, key=ssh_key, known_hosts=known_hosts, jump=ssh_jump)
             with GuestSession(target, accept_new_host_key=accept_new_host_key, share=True) as session:
                 from vhotplug.guest.probe import guest_view  # only --guest needs it
 

@@ -19,6 +19,7 @@ from vhotplug.cli.options import (
     LiveOpt,
     PersistentOpt,
     PrintXmlOpt,
+    SSHJumpOpt,
     SSHKeyOpt,
     SSHOpt,
     TimeoutOpt,
@@ -46,7 +47,7 @@ def add(
     live: LiveOpt = False, config: ConfigOpt = False, current: CurrentOpt = False, persistent: PersistentOpt = False,
     print_xml: PrintXmlOpt = False, verify: VerifyOpt = None, timeout: TimeoutOpt = 30.0,
     ssh: SSHOpt = None, ssh_key: SSHKeyOpt = None, known_hosts: KnownHostsOpt = None,
-    accept_new_host_key: AcceptNewOpt = False, wait_lock: WaitLockOpt = False,
+    accept_new_host_key: AcceptNewOpt = False, ssh_jump: SSHJumpOpt = None, wait_lock: WaitLockOpt = False,
 ) -> None:
     """Hot-add a memory DIMM, online its memory blocks in the guest, and check MemTotal grew by its size."""
     from vhotplug.devices.dimm import DEFAULT_BLOCK_BYTES, dimm_spec, dimm_xml  # memory commands only
@@ -65,7 +66,7 @@ def add(
         lay = layout(xml)
         session = None if print_xml else open_guest(
             dom, verify=verify, live=is_live, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
-            accept_new_host_key=accept_new_host_key)
+            accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump)
         with session or contextlib.nullcontext():
             block = hotplug.block_bytes(session) if session else DEFAULT_BLOCK_BYTES
             spec = dimm_spec(size=size, node=node, id=id, used_aliases=used_names(xml).aliases, block_bytes=block,
@@ -93,7 +94,7 @@ def remove(
     device: Annotated[str, typer.Argument(metavar="ID", help="The DIMM's id or alias.")],
     verify: VerifyOpt = None, timeout: TimeoutOpt = 30.0,
     ssh: SSHOpt = None, ssh_key: SSHKeyOpt = None, known_hosts: KnownHostsOpt = None,
-    accept_new_host_key: AcceptNewOpt = False, wait_lock: WaitLockOpt = False,
+    accept_new_host_key: AcceptNewOpt = False, ssh_jump: SSHJumpOpt = None, wait_lock: WaitLockOpt = False,
 ) -> None:
     """Offline a DIMM's memory blocks in the guest, unplug it and wait, and check MemTotal shrank."""
     from vhotplug.devices.dimm import DEFAULT_BLOCK_BYTES  # memory commands only
@@ -108,7 +109,7 @@ def remove(
             raise errors.OperationInvalid(f"{domain} is not running: use `vhotplug detach --config` for the "
                                           "definition")
         session = open_guest(dom, verify=verify, live=True, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
-                             accept_new_host_key=accept_new_host_key)
+                             accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump)
         with session or contextlib.nullcontext():
             block = hotplug.block_bytes(session) if session else DEFAULT_BLOCK_BYTES
             outcome = remove_dimm(conn, dom, device, session=session, block_bytes=block, timeout=timeout)
@@ -127,7 +128,7 @@ def balloon_cmd(
     ctx: typer.Context, domain: DomainArg, size: SizeArg,
     verify: VerifyOpt = None, timeout: TimeoutOpt = 30.0,
     ssh: SSHOpt = None, ssh_key: SSHKeyOpt = None, known_hosts: KnownHostsOpt = None,
-    accept_new_host_key: AcceptNewOpt = False, wait_lock: WaitLockOpt = False,
+    accept_new_host_key: AcceptNewOpt = False, ssh_jump: SSHJumpOpt = None, wait_lock: WaitLockOpt = False,
 ) -> None:
     """Set the live balloon target (the seed's ballooning) and wait until the guest's MemTotal follows."""
     from vhotplug.ops.memory import balloon  # memory commands only
@@ -140,7 +141,7 @@ def balloon_cmd(
         if not is_running(dom):
             raise errors.OperationInvalid(f"{domain} is not running: the balloon only works on a running guest")
         session = open_guest(dom, verify=verify, live=True, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
-                             accept_new_host_key=accept_new_host_key)
+                             accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump)
         with session or contextlib.nullcontext():
             prev, before, after = balloon(dom, size_bytes, session=session, timeout=timeout)
     doc = {"domain": domain, "balloon": {"from_kib": prev, "to_kib": size_bytes // 1024,

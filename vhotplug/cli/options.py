@@ -44,3 +44,9 @@ WaitLockOpt = Annotated[
     typer.Option("--wait-lock",
                  help="If another vhotplug holds the domain or device, wait for it instead of failing (exit 13)."),
 ]
+SSHJumpOpt = Annotated[
+    str | None,
+    typer.Option("--ssh-jump", metavar="USER@HOST[:PORT]",
+                 help="Reach the guest through this host (OpenSSH's ProxyJump); its host key is checked too, "
+                      "with the same --ssh-key and --known-hosts."),
+]

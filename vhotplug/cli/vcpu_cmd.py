@@ -18,6 +18,7 @@ from vhotplug.cli.options import (
     KnownHostsOpt,
     LiveOpt,
     PersistentOpt,
+    SSHJumpOpt,
     SSHKeyOpt,
     SSHOpt,
     TimeoutOpt,
@@ -38,7 +39,8 @@ CountArg = Annotated[int, typer.Argument(help="How many vCPUs to add or remove."
 
 def _run(ctx: typer.Context, domain: str, *, target: int | None, delta: int, live: bool, config: bool,
          current: bool, persistent: bool, verify: bool | None, timeout: float, ssh: str | None,
-         ssh_key: Path | None, known_hosts: Path | None, accept_new_host_key: bool, wait_lock: bool) -> None:
+         ssh_key: Path | None, known_hosts: Path | None, accept_new_host_key: bool, wait_lock: bool,
+         ssh_jump: str | None) -> None:
     from vhotplug.ops.vcpu import counts, set_vcpus  # vcpu commands only
 
     st = state(ctx)
@@ -49,7 +51,7 @@ def _run(ctx: typer.Context, domain: str, *, target: int | None, delta: int, liv
         is_live, is_config = affect.live, affect.config
         n = target if target is not None else counts(dom, live=is_live)[0] + delta
         session = open_guest(dom, verify=verify, live=is_live, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
-                             accept_new_host_key=accept_new_host_key)
+                             accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump)
         with session or contextlib.nullcontext():
             outcome = set_vcpus(conn, dom, n, live=is_live, config=is_config, session=session, timeout=timeout)
     _report(st.output, domain, outcome)
@@ -75,11 +77,13 @@ def set_(ctx: typer.Context, domain: DomainArg, count: Annotated[int, typer.Argu
          live: LiveOpt = False, config: ConfigOpt = False, current: CurrentOpt = False,
          persistent: PersistentOpt = False, verify: VerifyOpt = None, timeout: TimeoutOpt = 30.0,
          ssh: SSHOpt = None, ssh_key: SSHKeyOpt = None, known_hosts: KnownHostsOpt = None,
-         accept_new_host_key: AcceptNewOpt = False, wait_lock: WaitLockOpt = False) -> None:
+         accept_new_host_key: AcceptNewOpt = False, ssh_jump: SSHJumpOpt = None,
+         wait_lock: WaitLockOpt = False) -> None:
     """Set the vCPU count; new CPUs are onlined in the guest, removed ones offlined first."""
     _run(ctx, domain, target=count, delta=0, live=live, config=config, current=current, persistent=persistent,
          verify=verify, timeout=timeout, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
-         accept_new_host_key=accept_new_host_key, wait_lock=wait_lock)
+         accept_new_host_key=accept_new_host_key, wait_lock=wait_lock,
+         ssh_jump=ssh_jump)
 
 
 @app.command()
@@ -87,11 +91,13 @@ def add(ctx: typer.Context, domain: DomainArg, count: CountArg = 1,
         live: LiveOpt = False, config: ConfigOpt = False, current: CurrentOpt = False,
         persistent: PersistentOpt = False, verify: VerifyOpt = None, timeout: TimeoutOpt = 30.0,
         ssh: SSHOpt = None, ssh_key: SSHKeyOpt = None, known_hosts: KnownHostsOpt = None,
-        accept_new_host_key: AcceptNewOpt = False, wait_lock: WaitLockOpt = False) -> None:
+        accept_new_host_key: AcceptNewOpt = False, ssh_jump: SSHJumpOpt = None,
+         wait_lock: WaitLockOpt = False) -> None:
     """Hot-add COUNT vCPUs (default 1) and online them in the guest (`echo 1 > .../cpuN/online`)."""
     _run(ctx, domain, target=None, delta=count, live=live, config=config, current=current, persistent=persistent,
          verify=verify, timeout=timeout, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
-         accept_new_host_key=accept_new_host_key, wait_lock=wait_lock)
+         accept_new_host_key=accept_new_host_key, wait_lock=wait_lock,
+         ssh_jump=ssh_jump)
 
 
 @app.command()
@@ -99,7 +105,8 @@ def remove(ctx: typer.Context, domain: DomainArg, count: CountArg = 1,
            live: LiveOpt = False, config: ConfigOpt = False, current: CurrentOpt = False,
            persistent: PersistentOpt = False, verify: VerifyOpt = None, timeout: TimeoutOpt = 30.0,
            ssh: SSHOpt = None, ssh_key: SSHKeyOpt = None, known_hosts: KnownHostsOpt = None,
-           accept_new_host_key: AcceptNewOpt = False, wait_lock: WaitLockOpt = False) -> None:
+           accept_new_host_key: AcceptNewOpt = False, ssh_jump: SSHJumpOpt = None,
+         wait_lock: WaitLockOpt = False) -> None:
     """Offline COUNT vCPUs (default 1) in the guest, then hot-remove them and reconcile the outcome.
 
     If libvirt times out while the guest did eject the CPUs (seen with QEMU 7.2 under TCG), both views are
@@ -107,4 +114,5 @@ def remove(ctx: typer.Context, domain: DomainArg, count: CountArg = 1,
     """
     _run(ctx, domain, target=None, delta=-count, live=live, config=config, current=current, persistent=persistent,
          verify=verify, timeout=timeout, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
-         accept_new_host_key=accept_new_host_key, wait_lock=wait_lock)
+         accept_new_host_key=accept_new_host_key, wait_lock=wait_lock,
+         ssh_jump=ssh_jump)

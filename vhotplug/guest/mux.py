@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vhotplug.guest.target import SSHTarget
@@ -60,7 +60,8 @@ def socket_dir() -> Path:
 def _identity(target: SSHTarget) -> dict[str, object]:
     return {"user": target.user, "host": target.host, "port": target.port,
             "key": str(target.key.resolve()) if target.key else None,
-            "known_hosts": str(target.known_hosts.resolve()) if target.known_hosts else None}
+            "known_hosts": str(target.known_hosts.resolve()) if target.known_hosts else None,
+            "jump": _identity(target.jump) if target.jump else None}
 
 
 def socket_path(target: SSHTarget) -> Path | None:
@@ -419,16 +420,21 @@ def _relay(conn: socket.socket, chan: object) -> None:
 def _main(argv: list[str]) -> int:
     import signal
 
-    from vhotplug.guest.target import SSHTarget
 
     # `kill PID` ends a master cleanly (its socket removed), as an idle timeout does.
     signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(0))
     path, spec, persist = Path(argv[0]), json.loads(argv[1]), float(argv[2])
-    target = SSHTarget(host=spec["host"], port=int(spec["port"]), user=spec["user"],
-                       key=Path(spec["key"]) if spec.get("key") else None,
-                       known_hosts=Path(spec["known_hosts"]) if spec.get("known_hosts") else None,
-                       source=spec.get("source", "shared connection"))
-    return Master(path, target, persist).serve()
+    return Master(path, _target(spec), persist).serve()
+
+
+def _target(spec: dict[str, Any]) -> SSHTarget:
+    from vhotplug.guest.target import SSHTarget
+
+    return SSHTarget(host=spec["host"], port=int(spec["port"]), user=spec["user"],
+                     key=Path(spec["key"]) if spec.get("key") else None,
+                     known_hosts=Path(spec["known_hosts"]) if spec.get("known_hosts") else None,
+                     source=spec.get("source", "shared connection"),
+                     jump=_target(spec["jump"]) if spec.get("jump") else None)
 
 
 if __name__ == "__main__":

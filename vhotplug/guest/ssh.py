@@ -51,6 +51,7 @@ class GuestSession:
         self._share = share
         self._client: paramiko.SSHClient | None = None
         self._mux: mux.MuxClient | None = None
+        self._jump: GuestSession | None = None
 
     @property
     def shared(self) -> bool:
@@ -89,7 +90,7 @@ class GuestSession:
         else:
             client.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:
-            sock = _open_socket(t, self._timeout)
+            sock = self._open_socket()
             client.connect(
                 t.host, port=t.port, username=t.user, sock=sock,
                 key_filename=str(t.key) if t.key else None,
@@ -120,11 +121,29 @@ class GuestSession:
             raise errors.GuestUnreachable(f"cannot reach guest at {t} ({t.source}): {reason}") from exc
         self._client = client
 
+    def _open_socket(self) -> Any:
+        """A TCP connection to the guest, or a channel to it through the jump host (ProxyJump)."""
+        t = self.target
+        if t.jump is None:
+            return _open_socket(t, self._timeout)
+        # The jump host is logged into first, with its own host-key check, then forwards to the guest.
+        self._jump = GuestSession(t.jump, accept_new_host_key=self._accept_new, connect_timeout=self._timeout)
+        self._jump._connect_direct()
+        try:
+            return self._jump.transport().open_channel("direct-tcpip", (t.host, t.port), ("127.0.0.1", 0),
+                                                       timeout=self._timeout)
+        except ssh_errors() as exc:
+            self._jump.close()
+            raise errors.GuestUnreachable(f"jump host {t.jump} cannot reach {t.host}:{t.port}: {exc}") from exc
+
     def close(self) -> None:
         self._mux = None
         if self._client is not None:
             self._client.close()
             self._client = None
+        if self._jump is not None:
+            self._jump.close()
+            self._jump = None
 
     def __enter__(self) -> GuestSession:
         return self.connect() if self._client is None and self._mux is None else self

@@ -32,9 +32,11 @@ class SSHTarget:
     key: Path | None = None
     known_hosts: Path | None = None  # None: the user's ~/.ssh/known_hosts
     source: str = "command line"  # where this target came from, for messages
+    jump: SSHTarget | None = None  # reach the guest through this host (OpenSSH's ProxyJump)
 
     def __str__(self) -> str:
-        return f"{self.user}@{self.host}:{self.port}"
+        where = f"{self.user}@{self.host}:{self.port}"
+        return f"{where} via {self.jump}" if self.jump else where
 
 
 def _check_host(host: str) -> str:
@@ -92,6 +94,17 @@ def metadata_element(target: SSHTarget) -> etree._Element:
         ssh.set("key", str(target.key))
     if target.known_hosts:
         ssh.set("known-hosts", str(target.known_hosts))
+    hop = target.jump
+    while hop is not None:  # jump hosts, the outermost last
+        el = etree.SubElement(ssh, f"{{{METADATA_NS}}}jump")
+        el.set("host", hop.host)
+        el.set("port", str(hop.port))
+        el.set("user", hop.user)
+        if hop.key:
+            el.set("key", str(hop.key))
+        if hop.known_hosts:
+            el.set("known-hosts", str(hop.known_hosts))
+        hop = hop.jump
     return root
 
 
@@ -104,18 +117,27 @@ def target_from_metadata(xml: str | bytes | etree._Element) -> SSHTarget | None:
     if not found:
         return None
     ssh = found[0]
-    host = ssh.get("host")
-    if not host:
+    if not ssh.get("host"):
         return None
-    key = ssh.get("key")
-    known = ssh.get("known-hosts")
+    jump = None
+    for hop in reversed(ssh.findall(f"{{{METADATA_NS}}}jump")):
+        if hop.get("host"):
+            jump = _target_from_element(hop, jump)
+    return _target_from_element(ssh, jump)
+
+
+def _target_from_element(el: etree._Element, jump: SSHTarget | None) -> SSHTarget:
+    key, known, user = el.get("key"), el.get("known-hosts"), el.get("user", "root")
+    if not _USER.match(user):
+        raise errors.InvalidRequest(f"invalid SSH user {user!r} in the domain metadata")
     return SSHTarget(
-        host=_check_host(host),
-        port=_check_port(ssh.get("port", "22")),
-        user=ssh.get("user", "root"),
+        host=_check_host(el.get("host", "")),
+        port=_check_port(el.get("port", "22")),
+        user=user,
         key=Path(key) if key else None,
         known_hosts=Path(known) if known else None,
         source="domain metadata",
+        jump=jump,
     )
 
 
@@ -134,10 +156,12 @@ def target_from_interfaces(dom: libvirt.virDomain) -> SSHTarget | None:
 
 
 def resolve_target(dom: libvirt.virDomain, *, ssh: str | None, key: Path | None,
-                   known_hosts: Path | None, metadata: SSHTarget | None = None) -> SSHTarget:
+                   known_hosts: Path | None, metadata: SSHTarget | None = None,
+                   jump: str | None = None) -> SSHTarget:
     """Decide where to reach the guest of ``dom``; raise GuestUnreachable when nothing says.
 
     ``metadata``: the target already read from the domain's metadata, if the caller has it.
+    ``jump``: ``--ssh-jump USER@HOST[:PORT]``, reached first with the same key and known_hosts file.
     """
     if ssh:
         target = parse_ssh_spec(ssh)
@@ -157,4 +181,8 @@ def resolve_target(dom: libvirt.virDomain, *, ssh: str | None, key: Path | None,
         target = replace(target, key=key)
     if known_hosts:
         target = replace(target, known_hosts=known_hosts)
+    if jump:
+        hop = parse_ssh_spec(jump)
+        target = replace(target, jump=replace(hop, key=target.key, known_hosts=target.known_hosts,
+                                              source="--ssh-jump"))
     return target
