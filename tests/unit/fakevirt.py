@@ -166,7 +166,7 @@ class FakeDomain:
         el = etree.fromstring(xml.encode())
         if flags & libvirt.VIR_DOMAIN_AFFECT_LIVE or (flags == 0 and self.running):
             live = etree.fromstring(xml.encode())
-            if live.tag == "hostdev" and live.get("type") == "pci":
+            if live.tag == "hostdev" and live.get("type") == "pci" and live.find("address") is None:
                 etree.SubElement(live, "address", type="pci", domain="0x0000", bus=f"0x{next(self._slot):02x}",
                                  slot="0x00", function="0x0")
             self.live.find("devices").append(live)

@@ -170,7 +170,8 @@ def setup_flow(hostroot: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 def run_attach(conn, dom, hostroot, flags=LIVE):
-    plan = passthrough.plan_pci(conn, dom, FREE_NIC, managed=False, id="nic9", force=False, facts_root=hostroot)
+    plan = passthrough.plan_pci(conn, dom, FREE_NIC, managed=False, id="nic9", force=False, facts_root=hostroot,
+                                live=bool(flags & LIVE))
     return passthrough.attach_hostdev(conn, dom, plan, flags=flags, session=object(), timeout=5, uri=None)
 
 
@@ -180,6 +181,8 @@ def test_attach_success_path(hostroot, monkeypatch):
     assert outcome.host_detached and dev.driver == "vfio-pci"
     assert outcome.attach.guest.name == "eth1" and outcome.attach.identity == "8086:10d3"
     assert dom.live.xpath("devices/hostdev[alias/@name='ua-nic9']/@managed") == ["no"]
+    # q35: vhotplug wrote the guest address itself, on the first free pcie-root-port
+    assert dom.live.xpath("devices/hostdev[alias/@name='ua-nic9']/address/@bus") == ["0x06"]
     assert not dom.config.xpath("devices/hostdev")  # --live only
     assert journal.entries() == []
     calls = conn.rec.calls

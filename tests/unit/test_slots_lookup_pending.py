@@ -11,7 +11,7 @@ from tests.conftest import GOLDEN
 from vhotplug import errors
 from vhotplug.virt import pending
 from vhotplug.virt.devices import find_device, used_names
-from vhotplug.virt.slots import check_pci_room, pci_room
+from vhotplug.virt.slots import check_pci_room, pci_room, place_on_q35
 
 LAB = (GOLDEN / "lab-live-q35.xml").read_text()
 DEVICES = (GOLDEN / "devices-in.xml").read_text()
@@ -99,3 +99,35 @@ def test_pending_records(tmp_path, monkeypatch):
     pending.record("u1", 5, "ua-b")
     pending.clear("u1", "ua-b")
     assert pending.pending_since("u1", 5, "ua-b") is None
+
+
+# -- where a host PCI function goes on q35 ---------------------------------------------------------------------
+
+
+def test_hostdev_goes_on_the_first_free_root_port():
+    address = place_on_q35(LAB, what="PCI device 0000:00:05.0")
+    assert dict(address.attrib) == {"type": "pci", "domain": "0x0000", "bus": "0x06", "slot": "0x00",
+                                    "function": "0x0"}
+    # ports 1-5 carry the template's own devices (xhci, scsi, balloon, rng, bridge parent): 6 is the first free
+    assert pci_room(LAB).free_root_ports == 8
+
+
+def test_hostdev_falls_back_to_a_bridge_slot_then_refuses_naming_prepare():
+    full = fill_root_ports(LAB)
+    address = place_on_q35(full, what="x")
+    assert (address.get("bus"), address.get("slot")) == ("0x0e", "0x01")  # the pcie-to-pci-bridge, first slot
+    root = etree.fromstring(LAB.encode())
+    for ctl in root.xpath("devices/controller[@model='pcie-to-pci-bridge']"):
+        ctl.getparent().remove(ctl)
+    no_bridge_full = fill_root_ports(etree.tostring(root, encoding="unicode"))
+    with pytest.raises(errors.InvalidRequest, match="no free pcie-root-port or pcie-to-pci-bridge slot") as exc:
+        place_on_q35(no_bridge_full, what="PCI device 0000:00:05.0")
+    assert "vhotplug prepare DOMAIN --pcie-ports N" in (exc.value.hint or "")
+
+
+def test_pc_machine_leaves_placement_to_libvirt():
+    root = etree.fromstring(LAB.encode())
+    for ctl in root.xpath("devices/controller[@type='pci']"):
+        ctl.getparent().remove(ctl)
+    etree.SubElement(root.find("devices"), "controller", type="pci", index="0", model="pci-root")
+    assert place_on_q35(etree.tostring(root), what="x") is None

@@ -32,8 +32,7 @@ from vhotplug.cli.options import (
 from vhotplug.cli.state import OutputFormat, state
 from vhotplug.guest.ping import ping_through
 from vhotplug.host import lock
-from vhotplug.virt.connection import connection, domain_xml, lookup_domain, resolve_affect
-from vhotplug.virt.slots import check_pci_room
+from vhotplug.virt.connection import connection, lookup_domain, resolve_affect
 
 if TYPE_CHECKING:
     from vhotplug.ops.passthrough import HostdevPlan, PassthroughOutcome
@@ -83,16 +82,16 @@ def pci(
         is_managed = managed if managed is not None else affect.config
         facts = facts_root_for(conn)
         if print_xml:
-            plan = plan_pci(conn, dom, bdf, managed=is_managed, id=id, force=force, facts_root=facts, check=False)
+            plan = plan_pci(conn, dom, bdf, managed=is_managed, id=id, force=force, facts_root=facts, check=False,
+                            live=affect.live)
             typer.echo(templates.tostring(plan.element), nl=False)
             return
         if ping and not affect.live:
             raise errors.InvalidRequest("--ping needs a live attach")
         keys = [lock.domain_key(dom.UUIDString()), lock.pci_key(bdf)]
         with lock.acquire(keys, wait=wait_lock):
-            plan = plan_pci(conn, dom, bdf, managed=is_managed, id=id, force=force, facts_root=facts)
-            if affect.live:
-                check_pci_room(domain_xml(dom), conventional=False, what=plan.label)
+            plan = plan_pci(conn, dom, bdf, managed=is_managed, id=id, force=force, facts_root=facts,
+                            live=affect.live)
             outcome, doc = _attach(conn, dom, plan, affect_flags=affect.flags, live=affect.live, verify=verify,
                                    timeout=timeout, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
                                    accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump, ping=ping, uri=st.uri)

@@ -42,6 +42,7 @@ from vhotplug.ops.detach import DetachOutcome, detach_device, detach_live
 from vhotplug.virt.connection import domain_xml
 from vhotplug.virt.devices import find_device, used_names
 from vhotplug.virt.errors import translate
+from vhotplug.virt.slots import check_pci_room, place_on_q35
 
 
 @dataclass
@@ -104,10 +105,11 @@ def _group_members(conn: libvirt.virConnect, node: NodeDev) -> list[GroupMember]
 
 
 def plan_pci(conn: libvirt.virConnect, dom: libvirt.virDomain, bdf: Bdf, *, managed: bool, id: str | None,
-             force: bool, facts_root: Path | None, check: bool = True) -> HostdevPlan:
+             force: bool, facts_root: Path | None, check: bool = True, live: bool = False) -> HostdevPlan:
     """Look the function up and run every safety check; raise (nothing changed) when one says no.
 
-    ``check=False`` (for ``--print-xml``, which changes nothing) skips the checks.
+    ``check=False`` (for ``--print-xml``, which changes nothing) skips the checks. ``live``: the device
+    goes into the running domain, so it needs a free slot now (on q35 vhotplug writes the address).
     """
     dev, node = nodedev.lookup_pci(conn, bdf)
     label = safety.describe_pci(bdf, node)
@@ -120,7 +122,15 @@ def plan_pci(conn: libvirt.virConnect, dom: libvirt.virDomain, bdf: Bdf, *, mana
     spec = pci_hostdev_spec(bdf, vendor=node.vendor_id, product=node.product_id, managed=managed, id=id,
                             used_aliases=used.aliases)
     identity = Identity("pci", spec.ids) if spec.ids else None
-    return HostdevPlan("pci", label, str(bdf), pci_hostdev_xml(spec), spec.alias, identity, managed,
+    element = pci_hostdev_xml(spec)
+    if live:
+        live_xml = domain_xml(dom)
+        address = place_on_q35(live_xml, what=label)
+        if address is not None:
+            element.append(address)
+        else:
+            check_pci_room(live_xml, conventional=False, what=label)
+    return HostdevPlan("pci", label, str(bdf), element, spec.alias, identity, managed,
                        [lock.domain_key(dom.UUIDString()), lock.pci_key(bdf)], node, dev,
                        [r for r in refusals if r.forceable])
 

@@ -55,11 +55,49 @@ def check_pci_room(xml: str | bytes, *, conventional: bool, what: str) -> None:
     if room.pcie and not conventional and room.free_root_ports == 0:
         raise errors.InvalidRequest(
             f"no free pcie-root-port on this q35 domain: hot-plugging {what} needs one",
-            hint="add pcie-root-port controllers to the definition (they take effect at the next boot)",
+            hint="`vhotplug prepare DOMAIN --pcie-ports N` adds pcie-root-ports to the definition (effective at "
+                 "the next boot)",
         )
     if conventional and room.free_bridge_slots == 0:
         where = "pcie-to-pci-bridge" if room.pcie else "pci-bridge"
         raise errors.InvalidRequest(
             f"no free conventional PCI slot: hot-plugging {what} needs a {where} with a free slot",
-            hint=f"add a {where} controller to the definition (it takes effect at the next boot)",
+            hint=f"add a {where} controller to the definition (it takes effect at the next boot)"
+                 + ("; `vhotplug prepare DOMAIN` adds one" if room.pcie else ""),
         )
+
+
+def place_on_q35(xml: str | bytes, *, what: str) -> etree._Element | None:
+    """The guest address for a host PCI function hot-plugged into a q35 domain; None on other machines.
+
+    libvirt does not place a hostdev it cannot prove to be PCIe on a pcie-root-port by itself ("No more
+    available PCI slots", seen in the nested lab), so vhotplug writes the address: slot 0 of the first free
+    pcie-root-port, else the first free slot of a pcie-to-pci-bridge (conventional PCI: no PCIe extended
+    capabilities in the guest).
+    """
+    root = etree.fromstring(xml.encode() if isinstance(xml, str) else xml)
+    controllers = root.findall("devices/controller[@type='pci']")
+    if not any(c.get("model") == "pcie-root" for c in controllers):
+        return None
+    used = _used_slots(root)
+    hotpluggable = [c for c in controllers if c.find("target[@hotplug='off']") is None]
+    for ctl in sorted(hotpluggable, key=lambda c: int(c.get("index", "0"))):
+        index = int(ctl.get("index", "0"))
+        if ctl.get("model") == "pcie-root-port" and not used.get(index):
+            return _address(index, 0)
+    for ctl in sorted(hotpluggable, key=lambda c: int(c.get("index", "0"))):
+        index = int(ctl.get("index", "0"))
+        if ctl.get("model") == "pcie-to-pci-bridge":
+            free = sorted(set(_BRIDGE_SLOTS) - used.get(index, set()))
+            if free:
+                return _address(index, free[0])
+    raise errors.InvalidRequest(
+        f"no free pcie-root-port or pcie-to-pci-bridge slot on this q35 domain: {what} has nowhere to go",
+        hint="`vhotplug prepare DOMAIN --pcie-ports N` adds pcie-root-ports to the definition (effective at the "
+             "next boot)",
+    )
+
+
+def _address(bus: int, slot: int) -> etree._Element:
+    return etree.Element("address", type="pci", domain="0x0000", bus=f"0x{bus:02x}", slot=f"0x{slot:02x}",
+                         function="0x0")
