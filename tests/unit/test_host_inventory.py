@@ -127,7 +127,8 @@ def test_is_local_uri():
     for uri in ("qemu:///system", "qemu:///session", "qemu+unix:///system", "xen:///system",
                 "qemu+ssh://localhost/system"):
         assert is_local_uri(uri), uri
-    for uri in ("qemu+ssh://root@lab.example/system", "qemu+tcp://10.0.0.1/system", "test:///default"):
+    for uri in ("qemu+ssh://root@lab.example/system", "qemu+tcp://10.0.0.1/system", "test:///default",
+                "qemu+ssh://root@127.0.0.1:2222/system"):  # a forward into another machine (the nested lab)
         assert not is_local_uri(uri), uri
 
 

@@ -33,16 +33,18 @@ def list_host(
     For each: address, vendor:product (with names from libvirt or pci.ids/usb.ids), class, bound
     driver, IOMMU group and its other members, and who uses it: the host (a mount, swap, an LVM/md/dm
     member, a network interface that is up with addresses or carries the default route) or a domain
-    (a <hostdev> in its live XML or definition). Host use is read from this machine's sysfs, so only
-    for a local URI. Changes nothing.
+    (a <hostdev> in its live XML or definition). Host use is read from this machine's sysfs for a
+    local URI, and over SSH (a read-only snapshot, python3 on the host) for qemu+ssh://. Changes nothing.
     """
     st = state(ctx)
     if not pci and not usb:
         pci = usb = True
     with connection(st.uri) as conn:
         from vhotplug.host import inventory  # host-side code only for host commands
+        from vhotplug.host.facts import facts_for_uri
 
-        inv = inventory.host_inventory(conn, pci=pci, usb=usb)
+        facts = facts_for_uri(conn.getURI())
+        inv = inventory.host_inventory(conn, pci=pci, usb=usb, root=facts.root)
     if st.output is OutputFormat.json:
         output.json_out(inv.to_dict())
         return
@@ -50,8 +52,12 @@ def list_host(
 
 
 def _print(inv: HostInventory, *, pci: bool, usb: bool) -> None:
-    where = "read from this machine's sysfs" if inv.facts_root is not None else \
-        "not checked: the libvirt host is not this machine"
+    if inv.facts_root is None:
+        where = "not checked: the libvirt host is not this machine"
+    elif str(inv.facts_root) == "/":
+        where = "read from this machine's sysfs"
+    else:
+        where = "read over SSH from the libvirt host"
     if pci:
         rows = [_pci_row(d) for d in inv.devices if d.kind == "pci"]
         output.table(rows, PCI_COLUMNS, title=f"Host PCI devices (libvirt node devices; host use {where}):")

@@ -82,16 +82,16 @@ def pci(
         is_managed = managed if managed is not None else affect.config
         facts = facts_root_for(conn)
         if print_xml:
-            plan = plan_pci(conn, dom, bdf, managed=is_managed, id=id, force=force, facts_root=facts, check=False,
-                            live=affect.live)
+            plan = plan_pci(conn, dom, bdf, managed=is_managed, id=id, force=force, facts_root=facts.root,
+                            facts_note=facts.why_not, check=False, live=affect.live)
             typer.echo(templates.tostring(plan.element), nl=False)
             return
         if ping and not affect.live:
             raise errors.InvalidRequest("--ping needs a live attach")
         keys = [lock.domain_key(dom.UUIDString()), lock.pci_key(bdf)]
         with lock.acquire(keys, wait=wait_lock):
-            plan = plan_pci(conn, dom, bdf, managed=is_managed, id=id, force=force, facts_root=facts,
-                            live=affect.live)
+            plan = plan_pci(conn, dom, bdf, managed=is_managed, id=id, force=force, facts_root=facts.root,
+                            facts_note=facts.why_not, live=affect.live)
             outcome, doc = _attach(conn, dom, plan, affect_flags=affect.flags, live=affect.live, verify=verify,
                                    timeout=timeout, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
                                    accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump, ping=ping, uri=st.uri)
@@ -126,14 +126,15 @@ def usb(
         affect = resolve_affect(dom, live=live, config=config, current=current, persistent=persistent)
         facts = facts_root_for(conn)
         if print_xml:
-            plan = plan_usb(conn, dom, spec, id=id, force=force, facts_root=facts, check=False)
+            plan = plan_usb(conn, dom, spec, id=id, force=force, facts_root=facts.root, facts_note=facts.why_not,
+                            check=False)
             typer.echo(templates.tostring(plan.element), nl=False)
             return
         found = nodedev.find_usb(conn, spec)
         keys = [lock.domain_key(dom.UUIDString()),
                 lock.usb_key(UsbDevice(found.bus or 0, found.device or 0, found.vendor_id or 0, found.product_id or 0))]
         with lock.acquire(keys, wait=wait_lock):
-            plan = plan_usb(conn, dom, spec, id=id, force=force, facts_root=facts)
+            plan = plan_usb(conn, dom, spec, id=id, force=force, facts_root=facts.root, facts_note=facts.why_not)
             outcome, doc = _attach(conn, dom, plan, affect_flags=affect.flags, live=affect.live, verify=verify,
                                    timeout=timeout, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
                                    accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump, ping=None, uri=st.uri)

@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     code = run(sys.argv[1:] if argv is None else argv)
     if argv is not None:  # called in-process (tests, embedding): leave the interpreter alone
         sys.exit(code)
+    if (facts := sys.modules.get("vhotplug.host.facts")) is not None:
+        facts.cleanup()  # os._exit below skips atexit handlers: copies of a remote host's facts go now
     try:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -273,12 +273,17 @@ class HostInventory:
 
 
 def is_local_uri(uri: str) -> bool:
-    """True when a libvirt URI names a driver on this machine (no host part; not the test driver)."""
+    """True when a libvirt URI names a driver on this machine (no host part; not the test driver).
+
+    A loopback host with an explicit port is *not* this machine: that is a forward, typically into a
+    VM (the nested lab's L1 is ``qemu+ssh://root@127.0.0.1:PORT/system``).
+    """
     parts = urlsplit(uri)
     driver = parts.scheme.split("+", 1)[0]
     if driver in ("test", ""):
         return False
-    return (parts.hostname or "") in ("", "localhost", "127.0.0.1", "::1")
+    host = parts.hostname or ""
+    return host == "" or (host in ("localhost", "127.0.0.1", "::1") and parts.port is None)
 
 
 def local_root(conn: libvirt.virConnect) -> Path | None:

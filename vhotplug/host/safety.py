@@ -61,7 +61,7 @@ def _member(m: GroupMember) -> str:
 
 
 def pci_refusals(node: NodeDev, *, facts_root: Path | None, assignments: list[Assignment],
-                 members: list[GroupMember] | None = None) -> list[Refusal]:
+                 members: list[GroupMember] | None = None, facts_note: str | None = None) -> list[Refusal]:
     """Every reason not to give host PCI function ``node`` to a guest (empty: it may go).
 
     ``facts_root`` is the host's own tree (``/``) when the hypervisor is this machine, else None; then
@@ -97,8 +97,8 @@ def pci_refusals(node: NodeDev, *, facts_root: Path | None, assignments: list[As
         if host:
             found.append(Refusal("host-use", f"the host uses {bdf}: {_usages(host)}", forceable=True))
     else:
-        found.append(Refusal("host-use-unknown", f"cannot see whether the host uses {bdf} (its sysfs is not "
-                             "on this machine)", forceable=True))
+        found.append(Refusal("host-use-unknown", f"cannot see whether the host uses {bdf} "
+                             f"({facts_note or 'its sysfs is not on this machine'})", forceable=True))
     return found
 
 
@@ -107,7 +107,7 @@ def _usages_domains(usages: list[Usage]) -> str:
 
 
 def usb_refusals(node: NodeDev, *, facts_root: Path | None, assignments: list[Assignment],
-                 usb_class: int | None = None) -> list[Refusal]:
+                 usb_class: int | None = None, facts_note: str | None = None) -> list[Refusal]:
     """Every reason not to give host USB device ``node`` to a guest (empty: it may go)."""
     found: list[Refusal] = []
     name = f"USB device {node.bus or 0:03d}.{node.device or 0:03d}"
@@ -127,8 +127,8 @@ def usb_refusals(node: NodeDev, *, facts_root: Path | None, assignments: list[As
         if host:
             found.append(Refusal("host-use", f"the host uses {name}: {_usages(host)}", forceable=True))
     else:
-        found.append(Refusal("host-use-unknown", f"cannot see whether the host uses {name} (its sysfs is not "
-                             "on this machine)", forceable=True))
+        found.append(Refusal("host-use-unknown", f"cannot see whether the host uses {name} "
+                             f"({facts_note or 'its sysfs is not on this machine'})", forceable=True))
     return found
 
 

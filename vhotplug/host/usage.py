@@ -37,6 +37,7 @@ from lxml import etree
 
 from vhotplug import errors
 from vhotplug.addresses import Bdf, parse_bdf
+from vhotplug.host.snapshot import read_ipv4
 from vhotplug.host.sysfs import PASSTHROUGH_DRIVERS, Sysfs
 from vhotplug.virt.errors import translate
 
@@ -364,8 +365,8 @@ class HostUse:
     def _ipv4(self) -> Mapping[str, Sequence[str]] | None:
         if self._ipv4_given is not None:
             return self._ipv4_given
-        if not self.sysfs.is_live_host:
-            return {}
+        if not self.sysfs.is_live_host:  # a snapshot of another host carries its addresses (or none)
+            return read_ipv4(self.sysfs.root) or {}
         return _ip_addr_v4()
 
     @cached_property

@@ -34,7 +34,8 @@ from vhotplug.devices.hostdev import (
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.guest.watch import Identity
 from vhotplug.host import journal, lock, nodedev, safety
-from vhotplug.host.inventory import NodeDev, local_root, parse_nodedev_xml
+from vhotplug.host.facts import HostFacts, facts_for_uri
+from vhotplug.host.inventory import NodeDev, parse_nodedev_xml
 from vhotplug.host.sysfs import Sysfs
 from vhotplug.host.usage import GroupMember, domain_assignments
 from vhotplug.ops.attach import AttachOutcome, attach_device
@@ -83,9 +84,15 @@ class PassthroughOutcome:
 # -- planning (read-only) ------------------------------------------------------------------------------------
 
 
-def facts_root_for(conn: libvirt.virConnect, override: Path | None = None) -> Path | None:
-    """The tree to read the hypervisor host's sysfs from: ``override``, ``/`` when local, else None."""
-    return override if override is not None else local_root(conn)
+def facts_root_for(conn: libvirt.virConnect, override: Path | None = None) -> HostFacts:
+    """Where to read the hypervisor host's own facts: ``override``, ``/`` when local, a copy over SSH, or none."""
+    if override is not None:
+        return HostFacts(override)
+    try:
+        uri = conn.getURI()
+    except libvirt.libvirtError as exc:
+        return HostFacts(None, f"the connection's URI is unknown: {exc}")
+    return facts_for_uri(uri)
 
 
 def _group_members(conn: libvirt.virConnect, node: NodeDev) -> list[GroupMember]:
@@ -105,7 +112,8 @@ def _group_members(conn: libvirt.virConnect, node: NodeDev) -> list[GroupMember]
 
 
 def plan_pci(conn: libvirt.virConnect, dom: libvirt.virDomain, bdf: Bdf, *, managed: bool, id: str | None,
-             force: bool, facts_root: Path | None, check: bool = True, live: bool = False) -> HostdevPlan:
+             force: bool, facts_root: Path | None, check: bool = True, live: bool = False,
+             facts_note: str | None = None) -> HostdevPlan:
     """Look the function up and run every safety check; raise (nothing changed) when one says no.
 
     ``check=False`` (for ``--print-xml``, which changes nothing) skips the checks. ``live``: the device
@@ -116,7 +124,8 @@ def plan_pci(conn: libvirt.virConnect, dom: libvirt.virDomain, bdf: Bdf, *, mana
     refusals: list[safety.Refusal] = []
     if check:
         refusals = safety.pci_refusals(node, facts_root=facts_root, assignments=domain_assignments(conn),
-                                       members=None if facts_root is not None else _group_members(conn, node))
+                                       members=None if facts_root is not None else _group_members(conn, node),
+                                       facts_note=facts_note)
         safety.enforce(refusals, force=force, what=label)
     used = used_names(domain_xml(dom), domain_xml(dom, inactive=True))
     spec = pci_hostdev_spec(bdf, vendor=node.vendor_id, product=node.product_id, managed=managed, id=id,
@@ -136,7 +145,7 @@ def plan_pci(conn: libvirt.virConnect, dom: libvirt.virDomain, bdf: Bdf, *, mana
 
 
 def plan_usb(conn: libvirt.virConnect, dom: libvirt.virDomain, spec: UsbSpec, *, id: str | None, force: bool,
-             facts_root: Path | None, check: bool = True) -> HostdevPlan:
+             facts_root: Path | None, check: bool = True, facts_note: str | None = None) -> HostdevPlan:
     """Find the one USB device ``spec`` names and check it; raise (nothing changed) when it may not go."""
     node = nodedev.find_usb(conn, spec)
     address = f"{node.bus or 0:03d}.{node.device or 0:03d}"
@@ -148,7 +157,7 @@ def plan_usb(conn: libvirt.virConnect, dom: libvirt.virDomain, spec: UsbSpec, *,
     refusals: list[safety.Refusal] = []
     if check:
         refusals = safety.usb_refusals(node, facts_root=facts_root, assignments=domain_assignments(conn),
-                                       usb_class=usb_class)
+                                       usb_class=usb_class, facts_note=facts_note)
         safety.enforce(refusals, force=force, what=label)
     used = used_names(domain_xml(dom), domain_xml(dom, inactive=True))
     by_address = isinstance(spec, UsbByAddress)
