@@ -86,26 +86,24 @@ def parse_ssh_spec(spec: str) -> SSHTarget:
 def metadata_element(target: SSHTarget) -> etree._Element:
     """The ``<vh:guest>`` element describing how to reach the guest."""
     root = etree.Element(f"{{{METADATA_NS}}}guest", nsmap={METADATA_KEY: METADATA_NS})
-    ssh = etree.SubElement(root, f"{{{METADATA_NS}}}ssh")
-    ssh.set("host", target.host)
-    ssh.set("port", str(target.port))
-    ssh.set("user", target.user)
-    if target.key:
-        ssh.set("key", str(target.key))
-    if target.known_hosts:
-        ssh.set("known-hosts", str(target.known_hosts))
+    ssh = _login_element(root, "ssh", target)
     hop = target.jump
     while hop is not None:  # jump hosts, the outermost last
-        el = etree.SubElement(ssh, f"{{{METADATA_NS}}}jump")
-        el.set("host", hop.host)
-        el.set("port", str(hop.port))
-        el.set("user", hop.user)
-        if hop.key:
-            el.set("key", str(hop.key))
-        if hop.known_hosts:
-            el.set("known-hosts", str(hop.known_hosts))
+        _login_element(ssh, "jump", hop)
         hop = hop.jump
     return root
+
+
+def _login_element(parent: etree._Element, tag: str, target: SSHTarget) -> etree._Element:
+    el = etree.SubElement(parent, f"{{{METADATA_NS}}}{tag}")
+    el.set("host", target.host)
+    el.set("port", str(target.port))
+    el.set("user", target.user)
+    if target.key:
+        el.set("key", str(target.key))
+    if target.known_hosts:
+        el.set("known-hosts", str(target.known_hosts))
+    return el
 
 
 def target_from_metadata(xml: str | bytes | etree._Element) -> SSHTarget | None:

@@ -92,14 +92,18 @@ def pci_refusals(node: NodeDev, *, facts_root: Path | None, assignments: list[As
     assigned = domain_usages(assignments, bdf=bdf)
     if assigned:
         found.append(Refusal("assigned", f"{bdf} is already assigned to {_usages_domains(assigned)}"))
-    if use is not None:
-        host = use.pci_usages(bdf)
-        if host:
-            found.append(Refusal("host-use", f"the host uses {bdf}: {_usages(host)}", forceable=True))
-    else:
-        found.append(Refusal("host-use-unknown", f"cannot see whether the host uses {bdf} "
-                             f"({facts_note or 'its sysfs is not on this machine'})", forceable=True))
+    found += _host_use(str(bdf), use.pci_usages(bdf) if use is not None else None, facts_note)
     return found
+
+
+def _host_use(name: str, usages: list[Usage] | None, facts_note: str | None) -> list[Refusal]:
+    """The host-use refusal (``usages`` None: they could not be read), or none."""
+    if usages is None:
+        return [Refusal("host-use-unknown", f"cannot see whether the host uses {name} "
+                        f"({facts_note or 'its sysfs is not on this machine'})", forceable=True)]
+    if usages:
+        return [Refusal("host-use", f"the host uses {name}: {_usages(usages)}", forceable=True)]
+    return []
 
 
 def _usages_domains(usages: list[Usage]) -> str:
@@ -122,13 +126,10 @@ def usb_refusals(node: NodeDev, *, facts_root: Path | None, assignments: list[As
         udir = sysfs.path(node.path) if node.path else None
         if (udir is None or not udir.exists()) and node.bus is not None and node.device is not None:
             udir = sysfs.usb_dir(node.bus, node.device)
-    if sysfs is not None and facts_root is not None and udir is not None and udir.exists():
-        host = HostUse(facts_root).usages_under(udir)
-        if host:
-            found.append(Refusal("host-use", f"the host uses {name}: {_usages(host)}", forceable=True))
-    else:
-        found.append(Refusal("host-use-unknown", f"cannot see whether the host uses {name} "
-                             f"({facts_note or 'its sysfs is not on this machine'})", forceable=True))
+    usages = None
+    if facts_root is not None and udir is not None and udir.exists():
+        usages = HostUse(facts_root).usages_under(udir)
+    found += _host_use(name, usages, facts_note)
     return found
 
 
