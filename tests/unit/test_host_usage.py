@@ -364,3 +364,25 @@ def test_domain_usages_match_pci_and_usb():
     assert len(domain_usages(found, usb=(0x046D, 0xC52B, 1, 3))) == 2
     assert domain_usages(found, usb=(0x046D, 0xC52B, 1, 4)) == []
     assert not Usage("domain", "g1").by_host and Usage("swap", "vdb1").by_host
+
+
+# -- a VM whose root is its hypervisor's tree over virtio-9p (the nested lab's L1) -----------------------------
+
+
+def _with_9p(root: Path, *, root_fs: str, extra_mount: str | None = None) -> HostUse:
+    h = FakeHost(root)
+    fn = h.pci("0000:01:00.0", 0x000200, driver="virtio-pci", group=7, vendor=0x1AF4, device=0x1049)
+    h._write(fn / "virtio1" / "mount_tag", "hostroot\x00")
+    h.mountinfo.append(f"28 1 0:23 / / rw,relatime - {root_fs} {root_fs} rw,lowerdir=/lower")
+    if extra_mount:
+        h.mountinfo.append(f"40 28 0:40 / {extra_mount} ro,relatime - 9p hostroot ro,trans=virtio")
+    h.finish()
+    return HostUse(root, ipv4={})
+
+
+def test_9p_root_share_counts_as_used(tmp_path):
+    assert _with_9p(tmp_path / "a", root_fs="overlay").pci_usages("01:00.0") == [
+        Usage("mount", "/ (overlay root, possibly on 9p hostroot)")]
+    assert _with_9p(tmp_path / "b", root_fs="ext4", extra_mount="/mnt/host").pci_usages("01:00.0") == [
+        Usage("mount", "/mnt/host (9p hostroot)")]
+    assert _with_9p(tmp_path / "c", root_fs="ext4").pci_usages("01:00.0") == []  # a share nobody mounted

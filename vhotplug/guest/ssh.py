@@ -248,16 +248,18 @@ def _record_new_key(path: Path) -> paramiko.MissingHostKeyPolicy:
     return _RecordNewKey()
 
 
-def wait_for_ssh(target: SSHTarget, *, deadline: float, interval: float = 0.25) -> float:
+def wait_for_ssh(target: SSHTarget, *, deadline: float, interval: float = 0.25,
+                 attempt_timeout: float = 2.0) -> float:
     """Poll until the guest's SSH server completes a verified login; return seconds waited.
 
     Bounded by ``deadline`` (a ``time.monotonic()`` value). Host-key problems are not
-    retried: they will not fix themselves.
+    retried: they will not fix themselves. ``attempt_timeout`` bounds one login attempt (a guest
+    reached through a jump host under nested TCG needs several seconds for one handshake).
     """
     start = time.monotonic()
     last: errors.VhotplugError | None = None
     while time.monotonic() < deadline:
-        session = GuestSession(target, connect_timeout=max(0.5, min(2.0, deadline - time.monotonic())))
+        session = GuestSession(target, connect_timeout=max(0.5, min(attempt_timeout, deadline - time.monotonic())))
         try:
             with session:
                 session.run(["true"], timeout=10)

@@ -27,7 +27,7 @@ SNAPSHOT_SCRIPT = r'''
 import json, os, subprocess, sys
 R = sys.argv[1] if len(sys.argv) > 1 else ""
 ATTRS = {"class", "vendor", "device", "dev", "partition", "flags", "operstate", "busnum", "devnum",
-         "bDeviceClass", "bInterfaceClass", "idVendor", "idProduct", "name", "uuid", "address"}
+         "bDeviceClass", "bInterfaceClass", "idVendor", "idProduct", "name", "uuid", "address", "mount_tag"}
 SKIP = {"power", "msi_irqs", "wakeup", "statistics", "queue", "trace", "mq", "integrity", "slaves",
         "queues", "bdi", "firmware_node", "subsystem", "ptp", "hwmon"}
 LINKS = {"driver", "iommu_group", "master"}

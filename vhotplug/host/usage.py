@@ -91,6 +91,7 @@ class _Mount:
     majmin: str | None
     mountpoint: str
     source: str
+    fstype: str = ""
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,31 @@ class HostUse:
             found.extend(self._block_usages(disk))
         for iface in self._ifaces_under(device_path):
             found.extend(self._net_usages(iface))
+        for tag in self._9p_tags_under(device_path):
+            found.extend(self._9p_usages(tag))
         return _unique(found)
+
+    # -- virtio-9p shares (a VM whose root is the hypervisor host's tree, like the nested lab's L1) --------------
+
+    def _9p_tags_under(self, device_path: Path) -> list[str]:
+        """Mount tags of the virtio-9p channels below the device (``virtio1/mount_tag``)."""
+        tags = []
+        with contextlib.suppress(OSError):
+            for child in sorted(device_path.iterdir()):
+                if (tag := self.sysfs.read(child / "mount_tag")) is not None:
+                    tags.append(tag.rstrip("\x00"))
+        return tags
+
+    def _9p_usages(self, tag: str) -> list[Usage]:
+        mounted = [m for m in self._mounts if m.fstype == "9p" and m.source == tag]
+        if mounted:
+            return [Usage("mount", f"{m.mountpoint} (9p {tag})") for m in mounted]
+        root = next((m for m in self._mounts if m.mountpoint == "/"), None)
+        if root is not None and root.fstype in ("overlay", "9p"):
+            # The share can sit below an overlay root whose lower layer was mounted before switch_root and
+            # is no longer listed; nothing says it is not, so it counts as used (uncertain leans to used).
+            return [Usage("mount", f"/ ({root.fstype} root, possibly on 9p {tag})")]
+        return []
 
     def group_members(self, bdf: Bdf | str) -> list[GroupMember]:
         """Every function in ``bdf``'s IOMMU group (itself included) with driver, bridge flag and host use.
@@ -272,7 +297,8 @@ class HostUse:
         for line in text.splitlines():
             fields = line.split()
             if len(fields) >= 2:
-                mounts.append(_Mount(None, _unescape(fields[1]), _unescape(fields[0])))
+                mounts.append(_Mount(None, _unescape(fields[1]), _unescape(fields[0]),
+                                     fields[2] if len(fields) > 2 else ""))
         return mounts
 
     def _mountpoints(self, node: _BlockNode) -> list[str]:
@@ -435,7 +461,7 @@ def _parse_mountinfo(line: str) -> _Mount | None:
     fields = line.split()
     try:
         sep = fields.index("-", 6)
-        return _Mount(fields[2], _unescape(fields[4]), _unescape(fields[sep + 2]))
+        return _Mount(fields[2], _unescape(fields[4]), _unescape(fields[sep + 2]), fields[sep + 1])
     except (ValueError, IndexError):
         return None
 

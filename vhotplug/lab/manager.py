@@ -10,7 +10,7 @@ import contextlib
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import libvirt
@@ -146,10 +146,13 @@ def build(*, kver: str | None = None, force: bool = False) -> lab_image.GuestIma
 
 
 def _spec(name: str, machine: Machine, accel: Accel, kernel: Path, initrd: Path, key: Path,
-          image_id: str, plain: bool = False) -> LabSpec:
+          image_id: str, plain: bool = False, jump: SSHTarget | None = None) -> LabSpec:
     ddir = domain_dir(name)
-    # The forward is chosen now, free at this moment; SSH is bound to loopback only.
-    target = SSHTarget("127.0.0.1", free_port(), "root", key, ddir / "known_hosts", source="lab metadata")
+    # The forward is chosen now, free at this moment; SSH is bound to loopback only. For a lab inside
+    # a remote hypervisor (the nested lab's L2) the forward is on that host's loopback, reached through
+    # it as a jump host; a port free here is very likely free there too (the hypervisor runs little).
+    target = SSHTarget("127.0.0.1", free_port(), "root", key, ddir / "known_hosts", source="lab metadata",
+                       jump=jump)
     return LabSpec(name=name, kernel=kernel, initrd=initrd, serial_log=ddir / "serial.log", ssh=target,
                    machine=machine, accel=accel, image_id=image_id, plain=plain)
 
@@ -197,11 +200,14 @@ def up(conn: libvirt.virConnect, name: str = DEFAULT_NAME, *, machine: Machine =
         same_shape = info.machine == machine and info.accel == accel and info.plain == plain
         if info.state == "running" and info.target and same_shape:
             with contextlib.suppress(errors.GuestUnreachable, errors.Timeout, errors.GuestHostKeyError):
-                wait_for_ssh(info.target, deadline=time.monotonic() + 5)
+                slow = info.target.jump is not None  # nested: one handshake takes seconds
+                wait_for_ssh(info.target, deadline=time.monotonic() + (60 if slow else 5),
+                             attempt_timeout=30.0 if slow else 2.0)
                 return UpResult(info, 0.0, already_running=True)
         down(conn, name)  # stale, unreachable or different shape: start afresh
 
-    spec = _spec(name, machine, accel, img.kernel, img.initrd, img.client_key, img.kver, plain)
+    jump = remote_jump(conn)
+    spec = _spec(name, machine, accel, img.kernel, img.initrd, img.client_key, img.kver, plain, jump)
     domain_dir(name).mkdir(parents=True, exist_ok=True)
     spec.serial_log.unlink(missing_ok=True)
     assert spec.ssh.known_hosts is not None
@@ -218,7 +224,8 @@ def up(conn: libvirt.virConnect, name: str = DEFAULT_NAME, *, machine: Machine =
         err = translate(exc, f"starting lab domain {name}")
         raise errors.LabError(err.message, hint="see the libvirt/QEMU message above") from exc
     try:
-        wait_for_ssh(target, deadline=started + timeout)
+        # Through a jump host into a guest under nested TCG, one SSH handshake takes seconds.
+        wait_for_ssh(target, deadline=started + timeout, attempt_timeout=30.0 if jump else 2.0)
     except errors.VhotplugError as exc:
         with contextlib.suppress(libvirt.libvirtError):
             dom.destroy()
@@ -231,6 +238,25 @@ def up(conn: libvirt.virConnect, name: str = DEFAULT_NAME, *, machine: Machine =
     info = _lab_info(dom)
     assert info is not None
     return UpResult(info, booted, already_running=False)
+
+
+def remote_jump(conn: libvirt.virConnect) -> SSHTarget | None:
+    """For a hypervisor reached over SSH (``qemu+ssh://``), that login: the jump host into its guests.
+
+    Its lab guests' SSH forwards are on *its* loopback; the host reaches them through it, with the
+    URI's user, port, key and ``known_hosts=`` file (libvirt's ssh transport ignores that parameter).
+    """
+    from vhotplug.host.facts import ssh_target_from_uri  # only for remote URIs
+    from vhotplug.host.inventory import is_local_uri
+
+    try:
+        uri = conn.getURI()
+    except libvirt.libvirtError:
+        return None
+    if is_local_uri(uri):
+        return None
+    target = ssh_target_from_uri(uri)
+    return replace(target, source="the libvirt URI") if target else None
 
 
 def status(conn: libvirt.virConnect, name: str | None = None) -> list[LabDomain]:
