@@ -92,9 +92,13 @@ def attach_device(conn: libvirt.virConnect, dom: libvirt.virDomain, device: etre
                          max(0.0, seen_after), verified)
 
 
+#: A rollback waits at least this long for the guest to let go: a short --timeout was for seeing the device.
+ROLLBACK_TIMEOUT = 30.0
+
+
 def _roll_back(conn: libvirt.virConnect, dom: libvirt.virDomain, alias: str, flags: int, timeout: float) -> None:
     try:
-        detach_live(conn, dom, alias, timeout=timeout)
+        detach_live(conn, dom, alias, timeout=max(timeout, ROLLBACK_TIMEOUT))
         if flags & libvirt.VIR_DOMAIN_AFFECT_CONFIG:
             dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
     except (errors.VhotplugError, libvirt.libvirtError) as exc:

@@ -38,7 +38,7 @@ from vhotplug.host.facts import HostFacts, facts_for_uri
 from vhotplug.host.inventory import NodeDev, parse_nodedev_xml
 from vhotplug.host.sysfs import Sysfs
 from vhotplug.host.usage import GroupMember, domain_assignments
-from vhotplug.ops.attach import AttachOutcome, attach_device
+from vhotplug.ops.attach import ROLLBACK_TIMEOUT, AttachOutcome, attach_device
 from vhotplug.ops.detach import DetachOutcome, detach_device, detach_live
 from vhotplug.virt.connection import domain_xml
 from vhotplug.virt.devices import find_device, used_names
@@ -194,6 +194,8 @@ def attach_hostdev(conn: libvirt.virConnect, dom: libvirt.virDomain, plan: Hostd
                                 timeout=timeout, before_attach=lambda: journal.step(entry, journal.GUEST_ATTACH))
     except BaseException as exc:
         _undo_attach(conn, dom, plan, entry, flags=flags, timeout=timeout, cause=exc)
+        if isinstance(exc, errors.VhotplugError) and host_detached:
+            exc.message += f"; {plan.label} is back on the host ({_where_now(plan)})"
         if isinstance(exc, KeyboardInterrupt):
             raise errors.Interrupted(f"interrupted: {plan.label} was given back ({_where_now(plan)}), "
                                      f"nothing is attached to {dom.name()}") from exc
@@ -239,7 +241,7 @@ def _undo_attach(conn: libvirt.virConnect, dom: libvirt.virDomain, plan: Hostdev
     problems: list[str] = []
     with _shielded():
         if journal.GUEST_ATTACH in entry.steps:
-            problems += _take_from_guest(conn, dom, plan.alias, flags=flags, timeout=timeout)
+            problems += _take_from_guest(conn, dom, plan.alias, flags=flags, timeout=max(timeout, ROLLBACK_TIMEOUT))
         if journal.HOST_DETACH in entry.steps and not problems and plan.nodedev is not None:
             problems += _give_back_to_host(plan.nodedev)
     if not problems:

@@ -1,0 +1,137 @@
+"""The seed's passthrough scenarios for real: L1 (a hypervisor with a virtual IOMMU) gives its e1000 and a USB
+device to L2 (the ordinary lab guest running inside L1), driven from the host with vhotplug commands only over
+``qemu+ssh://``; every check is made inside L2 and L1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import libvirt
+import pytest
+
+from vhotplug.cli import main
+from vhotplug.guest.ssh import GuestSession
+from vhotplug.host import journal
+from vhotplug.lab import manager
+
+E1000 = "0000:00:05.0"  # L1's e1000, alone in its IOMMU group
+TABLET = "0627:0001"  # QEMU's usb-tablet on L1's xhci
+
+
+@dataclass(frozen=True)
+class L2:
+    name: str
+    boot_seconds: float
+
+
+def vh(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main.run(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def l2(l1, request: pytest.FixtureRequest) -> Iterator[L2]:
+    name = f"vhl-l2-{os.getpid()}"
+    conn = libvirt.open(l1.uri)
+    try:
+        up = manager.up(conn, name, timeout=400)
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"L2 {name}: booted inside L1 to SSH in {up.boot_seconds:.1f} s (nested TCG)")
+        yield L2(name, up.boot_seconds)
+    finally:
+        manager.down(conn, name)
+        conn.close()
+
+
+def l1_driver(l1, bdf: str = E1000) -> str:
+    """The driver of an L1 PCI function, read inside L1 (sysfs), not from libvirt."""
+    with GuestSession(l1.target) as s:
+        return s.run(["sh", "-c", f"basename $(readlink /sys/bus/pci/devices/{bdf}/driver)"]).stdout.strip()
+
+
+@pytest.fixture(autouse=True)
+def own_journal(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VHOTPLUG_STATE_DIR", str(tmp_path / "state"))
+
+
+def test_host_list_shows_l1s_devices_and_who_uses_them(l1, capsys):
+    code, out, err = vh(capsys, "-c", l1.uri, "-o", "json", "host", "list", "--pci")
+    assert code == 0, err
+    devices = {d["address"]: d for d in json.loads(out)["devices"]}
+    nic = devices[E1000]
+    assert nic["vendor_id"] == "8086" and nic["product_id"] == "100e" and nic["driver"] == "e1000"
+    assert nic["iommu_group"] is not None and nic["host_use_checked"] and not nic["in_use"]
+    used = [d for d in devices.values() if d["in_use"]]
+    assert any("default route" in u["detail"] for d in used for u in d["used_by"])  # L1's management NIC
+    assert any("9p" in u["detail"] for d in used for u in d["used_by"])  # L1's root filesystem share
+
+
+def test_l1s_own_devices_are_refused(l1, l2, capsys):
+    code, out, err = vh(capsys, "-c", l1.uri, "-o", "json", "host", "list", "--pci")
+    devices = json.loads(out)["devices"]
+    root_share = next(d for d in devices if any("9p" in u["detail"] for u in d["used_by"]))
+    mgmt = next(d for d in devices if any("default route" in u["detail"] for u in d["used_by"]))
+    for dev in (root_share, mgmt):
+        code, out, err = vh(capsys, "-c", l1.uri, "attach", "pci", l2.name, dev["address"], "--live")
+        assert code == 14, err
+        assert "the host uses" in err and "Traceback" not in err
+    assert l1_driver(l1, mgmt["address"]) == "virtio-pci"
+
+
+def test_nic_passthrough_end_to_end(l1, l2, capsys):
+    """Seed 1.2(1) / Xen plan 1.4: detach from L1's driver, attach, verify in L2, ping, detach, back in L1."""
+    started = time.monotonic()
+    code, out, err = vh(capsys, "-c", l1.uri, "-o", "json", "attach", "pci", l2.name, E1000, "--id", "pt",
+                        "--ping", "10.0.2.2", "--timeout", "60")
+    assert code == 0, err
+    att = json.loads(out)["attached"]
+    assert att["identity"] == "8086:100e" and att["host"]["driver_before"] == "e1000"
+    assert att["guest"]["driver"] == "e1000" and att["guest"]["net"].startswith("eth")  # lspci -k / ethtool -i
+    assert att["ping"]["received"] == att["ping"]["sent"] > 0  # DMA through L1's virtual IOMMU works
+    assert l1_driver(l1) == "vfio-pci"
+    attach_s = time.monotonic() - started
+    started = time.monotonic()
+    code, out, err = vh(capsys, "-c", l1.uri, "-o", "json", "detach", l2.name, "pt", "--timeout", "60")
+    assert code == 0, err
+    det = json.loads(out)["detached"]
+    assert det["host"]["reattached"] and det["host"]["driver_now"] == "e1000"
+    assert "guest_gone_seconds" in det
+    assert l1_driver(l1) == "e1000"
+    assert journal.entries() == []
+    print(f"nested NIC passthrough: attach+verify+ping {attach_s:.1f} s, detach+gone+reattach "
+          f"{time.monotonic() - started:.1f} s, guest saw it {att['guest_seen_seconds']:.1f} s after the attach")
+
+
+def test_guest_that_never_shows_the_device_is_rolled_back(l1, l2, capsys):
+    """A real failure after the host detach: the guest check times out; the device ends on e1000 again."""
+    code, out, err = vh(capsys, "-c", l1.uri, "attach", "pci", l2.name, E1000, "--id", "rb", "--timeout", "0.5")
+    assert code == 10, err
+    assert "rolled back" in err and "is back on the host (on its host driver e1000)" in err
+    assert l1_driver(l1) == "e1000"
+    code, out, err = vh(capsys, "-c", l1.uri, "-o", "json", "list", l2.name)
+    assert "ua-rb" not in out
+    assert journal.entries() == []
+
+
+@pytest.mark.parametrize("spec", [f"host:{TABLET}", "by-address"])
+def test_usb_passthrough_end_to_end(l1, l2, capsys, spec):
+    """Seed 1.2(2): usb_add host:VENDOR:PRODUCT and host:BUS.ADDR, seen in L2 by its ids, then gone."""
+    if spec == "by-address":
+        code, out, err = vh(capsys, "-c", l1.uri, "-o", "json", "host", "list", "--usb")
+        tablet = next(d for d in json.loads(out)["devices"] if f"{d['vendor_id']}:{d['product_id']}" == TABLET)
+        spec = f"host:{tablet['address']}"
+    code, out, err = vh(capsys, "-c", l1.uri, "-o", "json", "attach", "usb", l2.name, spec, "--id", "tab",
+                        "--timeout", "60")
+    assert code == 0, err
+    att = json.loads(out)["attached"]
+    assert att["identity"] == TABLET and att["guest"]["driver"] in ("usbhid", "usb")
+    code, out, err = vh(capsys, "-c", l1.uri, "-o", "json", "detach", l2.name, "tab", "--timeout", "60")
+    assert code == 0, err
+    assert "guest_gone_seconds" in json.loads(out)["detached"]

@@ -1,0 +1,609 @@
+"""The nested lab's L1: a hypervisor guest under the host's libvirtd that runs a libvirtd of its own.
+
+L1 lets passthrough be exercised on devices that are not this machine's: it owns an emulated e1000
+(pcie.0 slot 5, alone in its IOMMU group behind an emulated Intel IOMMU) and a USB tablet, and is
+managed like any remote hypervisor, over ``qemu+ssh://root@127.0.0.1:PORT/system``.
+
+L1 has no disk image. Its root is the host's ``/`` shared read-only over 9p under a tmpfs overlay,
+so it runs the host's own libvirtd, QEMU and dropbear; the boot files (``/init``, inittab, sysinit,
+qemu.conf) are the fixed files in ``vhotplug/lab/l1/``. The lab directory is shared a second time,
+uncached, at the same path: L2 guests inside L1 boot from files the host writes there. Files::
+
+    $VHOTPLUG_LAB_DIR/l1/vmlinuz-KVER        private copy: libvirt chowns <kernel>/<initrd> while a domain runs
+    $VHOTPLUG_LAB_DIR/l1/initrd.img          busybox + the modules L1 needs + /init + its keys
+    $VHOTPLUG_LAB_DIR/l1/dropbear_ecdsa_host_key, host_key.pub, id_lab, id_lab.pub, stamp.json
+    $VHOTPLUG_LAB_DIR/domains/NAME/known_hosts   L1's host key at its forwarded port (OpenSSH and paramiko)
+    $VHOTPLUG_LAB_DIR/domains/NAME/ssh-wrapper   the URI's command=: ssh that uses only these files
+    $VHOTPLUG_LAB_DIR/domains/NAME/serial.log
+
+The QEMU capability cache in L1 is not seeded: libvirtd's first probe costs a few seconds per boot,
+and a seed would have to follow every QEMU and libvirt upgrade of the host to stay correct.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+from urllib.parse import quote
+
+import libvirt
+from lxml import etree
+
+from vhotplug import errors, templates
+from vhotplug.guest.ssh import wait_for_ssh
+from vhotplug.guest.target import METADATA_NS, SSHTarget, metadata_element, target_from_metadata
+from vhotplug.lab import image as lab_image
+from vhotplug.lab import manager
+from vhotplug.lab.domain import QEMU_NS, check_name, mgmt_mac
+from vhotplug.virt.connection import open_connection
+from vhotplug.virt.errors import translate
+
+#: Bump when the L1 image changes in a way the other inputs (boot files, modules, kernel) do not capture.
+FORMAT_VERSION = 1
+KIND = "l1"
+
+#: The files under vhotplug/lab/l1/ that go into the initramfs.
+BOOT_FILES = ("init", "inittab", "sysinit.sh", "qemu.conf")
+#: Loaded by /init before switch_root: L1 has no udev, so nothing would load a driver later.
+MODULES: tuple[str, ...] = (
+    "virtio_pci", "virtio_net", "9pnet_virtio", "9p", "overlay",
+    "vfio_pci", "vfio_iommu_type1", "e1000", "xhci_pci", "usbhid", "hid_generic",
+)
+#: Without these L1 has no root, no network, or nothing to pass through with.
+REQUIRED_MODULES: tuple[str, ...] = (
+    "virtio_pci", "virtio_net", "9pnet_virtio", "9p", "overlay", "vfio_pci", "vfio_iommu_type1",
+)
+#: Host programs L1 runs through its 9p root (program -> Debian package).
+HOST_PROGRAMS: dict[str, str] = {
+    "/usr/sbin/libvirtd": "libvirt-daemon-system",
+    "/usr/sbin/virtlogd": "libvirt-daemon-system",
+    "/usr/bin/qemu-system-x86_64": "qemu-system-x86",
+    "/usr/sbin/dropbear": "dropbear-bin",
+}
+
+MEMORY_MIB = 1536
+VCPUS = 2
+#: The PCI function and USB device L1 owns, to give to its L2 guests.
+E1000_SLOT = 5
+E1000_NODEDEV = "pci_0000_00_05_0"
+TABLET_IDS = (0x0627, 0x0001)
+
+INITRD_NAME = "initrd.img"
+STAMP_NAME = "stamp.json"
+WRAPPER_NAME = "ssh-wrapper"
+ROOT_TAG = "hostroot"
+LAB_TAG = "vhlab"
+SSH_HOST = "127.0.0.1"
+POLL_INTERVAL = 0.25
+#: How long a running L1 may take to prove it is usable before ``up_l1`` replaces it.
+REUSE_SSH_SECONDS = 5.0
+REUSE_LIBVIRT_SECONDS = 15.0
+
+# Paths written into the wrapper script, the URI and ssh -o options. ssh splits option values at
+# whitespace and expands % and ~ in them, so only plain characters are accepted at all.
+_SAFE_PATH = re.compile(r"^/[A-Za-z0-9._+/-]*$")
+_META = {"vh": METADATA_NS}
+
+
+@dataclass(frozen=True)
+class L1Image:
+    """A built L1 image (paths under ``$VHOTPLUG_LAB_DIR/l1``)."""
+
+    kver: str
+    kernel: Path
+    initrd: Path
+    host_key_pub: str
+    client_key: Path
+    build_id: str  # changes whenever anything the image is built from changes
+
+
+@dataclass(frozen=True)
+class L1:
+    """A running (or defined) L1 and how to reach it."""
+
+    name: str
+    target: SSHTarget
+    uri: str
+    state: str
+    boot_seconds: float = 0.0  # start -> SSH answered (0 when an already running L1 was reused)
+    libvirt_seconds: float = 0.0  # start -> libvirtd answered over ``uri``
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name, "kind": KIND, "state": self.state, "uri": self.uri,
+            "ssh": str(self.target),
+            "key": str(self.target.key) if self.target.key else None,
+            "known_hosts": str(self.target.known_hosts) if self.target.known_hosts else None,
+            "boot_seconds": round(self.boot_seconds, 2), "libvirt_seconds": round(self.libvirt_seconds, 2),
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# paths
+
+
+def l1_dir() -> Path:
+    return manager.lab_root() / "l1"
+
+
+def safe_path(path: Path | str, what: str) -> str:
+    """``path`` as text if it is absolute and made of plain characters only; LabError otherwise."""
+    text = str(path)
+    if not _SAFE_PATH.match(text) or "/../" in f"{text}/":
+        raise errors.LabError(
+            f"{what} {text!r} cannot be used by the nested lab: it goes into an ssh command line and a "
+            "libvirt URI, so only an absolute path of letters, digits and ._+-/ is accepted",
+            hint="set VHOTPLUG_LAB_DIR to a plain path such as /var/lib/vhotplug/lab",
+        )
+    return text
+
+
+@dataclass(frozen=True)
+class _DomainFiles:
+    known_hosts: Path
+    wrapper: Path
+    serial_log: Path
+
+
+def _domain_files(name: str) -> _DomainFiles:
+    ddir = manager.domain_dir(name)
+    return _DomainFiles(ddir / "known_hosts", ddir / WRAPPER_NAME, ddir / "serial.log")
+
+
+def l1_uri(port: int, *, key: Path, known_hosts: Path, wrapper: Path) -> str:
+    """The ``qemu+ssh`` URI of an L1 forwarded at ``127.0.0.1:port``.
+
+    ``known_hosts=`` is not used by libvirt's ssh transport (the wrapper pins the key); it is there
+    for vhotplug's own SSH login to the same host (``host list`` reads host facts over it).
+    """
+    params = (("keyfile", key), ("known_hosts", known_hosts), ("command", wrapper))
+    query = "&".join(f"{k}={quote(safe_path(v, k), safe='/')}" for k, v in params)
+    return f"qemu+ssh://root@{SSH_HOST}:{_check_port(port)}/system?{query}"
+
+
+def _check_port(port: int) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise errors.InvalidRequest(f"invalid port {port!r} for the L1 SSH forward: expected 1-65535")
+    return port
+
+
+# --------------------------------------------------------------------------------------------------
+# the ssh wrapper
+
+
+def ssh_wrapper_script(*, key: Path, known_hosts: Path, ssh: Path | str | None = None) -> str:
+    """The wrapper libvirt runs as ``command=``: ssh with L1's own known_hosts and key, nothing of ``~/.ssh``.
+
+    libvirt runs it with a scrubbed environment, so everything is in the script itself. One plain
+    connection per call: OpenSSH connection sharing failed intermittently under libvirt.
+    """
+    ssh = ssh or shutil.which("ssh", path="/usr/bin:/bin:/usr/local/bin")
+    if not ssh:
+        raise errors.LabError("the nested lab needs the OpenSSH client (ssh), which is not installed",
+                              hint="apt-get install openssh-client")
+    argv = [
+        safe_path(ssh, "ssh program"), "-F", "none",
+        "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", f"UserKnownHostsFile={safe_path(known_hosts, 'known_hosts file')}",
+        "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", "CheckHostIP=no",
+        "-o", "UpdateHostKeys=no",
+        "-o", "IdentitiesOnly=yes",
+        "-o", f"IdentityFile={safe_path(key, 'key file')}",
+        "-o", "IdentityAgent=none",
+        "-o", "ControlMaster=no",
+        "-o", "ControlPath=none",
+        "-o", "ConnectTimeout=10",
+        "-o", "LogLevel=ERROR",
+    ]
+    return (
+        "#!/bin/sh\n"
+        "# ssh for libvirt's qemu+ssh transport to a vhotplug nested-lab L1 (the URI's command=).\n"
+        "# Generated by vhotplug; libvirt runs it with a scrubbed environment, so all settings are here.\n"
+        f"exec {shlex.join(argv)} \"$@\"\n"
+    )
+
+
+def write_ssh_wrapper(path: Path, *, key: Path, known_hosts: Path) -> Path:
+    """Write the wrapper (0755, atomically) and return its path."""
+    safe_path(path, "ssh wrapper")
+    lab_image._atomic_write(path, ssh_wrapper_script(key=key, known_hosts=known_hosts).encode(), 0o755)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# the image
+
+
+def _boot_file(name: str) -> bytes:
+    try:
+        return (resources.files("vhotplug.lab") / "l1" / name).read_bytes()
+    except OSError as exc:
+        raise errors.LabError(f"the L1 boot file {name} is missing from the vhotplug installation: {exc}",
+                              hint="reinstall vhotplug") from exc
+
+
+def _inputs(kver: str) -> dict[str, object]:
+    """What the image is built from; the same inputs (and keys) mean the build is up to date."""
+    sources = (lab_image.BOOT_DIR / f"{lab_image.KERNEL_PREFIX}{kver}",
+               lab_image.MODULES_DIR / kver / "modules.dep", lab_image.BUSYBOX)
+    return {
+        "format": FORMAT_VERSION,
+        "kver": kver,
+        "boot_files": {n: hashlib.sha256(_boot_file(n)).hexdigest() for n in BOOT_FILES},
+        "modules": [*MODULES, "", *REQUIRED_MODULES],
+        "sources": {str(p): lab_image._fingerprint(p) for p in sources},
+    }
+
+
+def _build_id(inputs: dict[str, object], host_pub: str, client_pub: str) -> str:
+    doc = json.dumps({"inputs": inputs, "host": host_pub, "client": client_pub}, sort_keys=True)
+    return hashlib.sha256(doc.encode()).hexdigest()[:16]
+
+
+def _image_from(out: Path, stamp: dict[str, object]) -> L1Image | None:
+    """The image the stamp describes, if every output file is there and the keys are the stamped ones."""
+    kver, build_id = stamp.get("kver"), stamp.get("build_id")
+    if not isinstance(kver, str) or not isinstance(build_id, str):
+        return None
+    kernel, initrd = out / f"{lab_image.KERNEL_PREFIX}{kver}", out / INITRD_NAME
+    client_key = out / lab_image.CLIENT_KEY_NAME
+    pub_file = out / lab_image.HOST_KEY_PUB_NAME
+    files = (kernel, initrd, client_key, out / f"{lab_image.CLIENT_KEY_NAME}.pub", out / lab_image.HOST_KEY_NAME,
+             pub_file)
+    if not all(f.is_file() for f in files):
+        return None
+    host_pub = lab_image._parse_pub(pub_file.read_text(), lab_image.HOST_KEY_ALGO)
+    client_pub = (out / f"{lab_image.CLIENT_KEY_NAME}.pub").read_text().strip()
+    if host_pub is None or host_pub != stamp.get("host_key_pub") or client_pub != stamp.get("client_key_pub"):
+        return None
+    if client_pub != lab_image._public_line(lab_image._load_private_key(client_key)):
+        return None
+    return L1Image(kver, kernel, initrd, host_pub, client_key, build_id)
+
+
+def _stage(staging: Path, modules: list[Path], host_key: Path, client_pub: str) -> None:
+    """Lay out the initramfs: busybox, the modules, /init, and under /vhotplug what /init installs."""
+    for d in ("proc", "sys", "dev", "lower", "rw", "newroot", "bin", "sbin", "usr/bin", "usr/sbin", "vhotplug"):
+        (staging / d).mkdir(parents=True, exist_ok=True)
+        os.chmod(staging / d, 0o755)
+    lab_image._copy_in(staging, lab_image.BUSYBOX, "bin/busybox", 0o755)
+    for rel, target in lab_image.busybox_applet_links(lab_image.BUSYBOX).items():
+        link = staging / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(target, link)
+    for dep in lab_image.elf_deps(lab_image.BUSYBOX):
+        lab_image._copy_in(staging, dep, str(dep), 0o755)
+
+    for name, dest, mode in (("init", "init", 0o755), ("inittab", "vhotplug/inittab", 0o644),
+                             ("sysinit.sh", "vhotplug/sysinit.sh", 0o755), ("qemu.conf", "vhotplug/qemu.conf", 0o644)):
+        (staging / dest).write_bytes(_boot_file(name))
+        os.chmod(staging / dest, mode)
+    lab_image._copy_in(staging, host_key, f"vhotplug/{lab_image.HOST_KEY_NAME}", 0o600)
+    (staging / "vhotplug/authorized_keys").write_text(f"{client_pub}\n")
+    os.chmod(staging / "vhotplug/authorized_keys", 0o600)
+
+    loaded = [lab_image._copy_module(staging, ko) for ko in modules]
+    (staging / "vhotplug/modules.order").write_text("".join(f"{p}\n" for p in loaded))
+
+
+def _check_host() -> None:
+    lab_image._need_file(lab_image.BUSYBOX, "busybox-static", "a static busybox")
+    for program, package in HOST_PROGRAMS.items():
+        if not os.access(program, os.X_OK):
+            raise errors.LabError(f"the nested lab runs the host's {program} inside L1, and it is not installed",
+                                  hint=f"apt-get install {package}")
+
+
+def _prepare_root() -> Path:
+    """The lab directory, created if needed and reachable by QEMU (an unprivileged user)."""
+    root = manager.lab_root()
+    safe_path(root, "lab directory")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise errors.LabError(f"cannot create the lab directory {root}: {exc.strerror}") from exc
+    for path in (root, *root.parents):
+        if path.stat().st_mode & 0o001 == 0:
+            raise errors.LabError(
+                f"lab directory {root} is not reachable by the QEMU process: {path} is not world-searchable",
+                hint="set VHOTPLUG_LAB_DIR to a directory under /var/lib or /srv",
+            )
+    return root
+
+
+def build_l1(*, kver: str | None = None, force: bool = False) -> L1Image:
+    """Build (or reuse) the L1 image in ``$VHOTPLUG_LAB_DIR/l1``.
+
+    The existing image is returned untouched when its stamp matches the current inputs (unless
+    ``force``). Keys are generated only when their files are missing, and kept across rebuilds.
+    """
+    _prepare_root()
+    kver = kver or lab_image.default_kver()
+    kernel_src = lab_image._check_kver(kver)
+    _check_host()
+    out = l1_dir()
+    try:
+        if not out.is_dir():
+            out.mkdir()
+            os.chmod(out, 0o755)  # QEMU (another user) reads the kernel and initrd
+        with lab_image._locked(out):
+            return _build_locked(out, kver, kernel_src, force)
+    except OSError as exc:
+        raise errors.LabError(f"building the L1 image in {out} failed: {exc}") from exc
+
+
+def _build_locked(out: Path, kver: str, kernel_src: Path, force: bool) -> L1Image:
+    inputs = _inputs(kver)
+    stamp = lab_image._read_stamp(out)
+    if not force and stamp is not None and stamp.get("inputs") == inputs:
+        image = _image_from(out, stamp)
+        if image is not None:
+            return image
+    lab_image._remove_leftovers(out)
+    host_pub = lab_image._host_key(out)
+    client_pub = lab_image._client_key(out)
+    modules = lab_image.resolve_modules(kver, MODULES, required=REQUIRED_MODULES)
+    initrd = out / INITRD_NAME
+    with tempfile.TemporaryDirectory(dir=out, prefix=".staging-") as tmp:
+        _stage(Path(tmp), modules, out / lab_image.HOST_KEY_NAME, client_pub)
+        lab_image._pack(Path(tmp), initrd)
+    kernel = out / f"{lab_image.KERNEL_PREFIX}{kver}"
+    try:
+        lab_image._atomic_copy(kernel_src, kernel)
+    except OSError as exc:
+        raise errors.LabError(f"cannot copy the kernel {kernel_src}: {exc.strerror}",
+                              hint="run as root (the kernel under /boot may be readable by root only)") from exc
+    for old in out.glob(f"{lab_image.KERNEL_PREFIX}*"):
+        if old != kernel:
+            old.unlink()
+    build_id = _build_id(inputs, host_pub, client_pub)
+    new_stamp = {"inputs": inputs, "kver": kver, "build_id": build_id, "host_key_pub": host_pub,
+                 "client_key_pub": client_pub, "modules": [p.name for p in modules],
+                 "initrd_bytes": initrd.stat().st_size}
+    lab_image._atomic_write(out / STAMP_NAME, (json.dumps(new_stamp, indent=2, sort_keys=True) + "\n").encode())
+    return L1Image(kver, kernel, initrd, host_pub, out / lab_image.CLIENT_KEY_NAME, build_id)
+
+
+def _planned_image() -> L1Image:
+    """The built image if there is one, else where build_l1 will put it (for XML previews)."""
+    with contextlib.suppress(OSError, ValueError, errors.LabError):
+        stamp = lab_image._read_stamp(l1_dir())
+        if stamp is not None and (image := _image_from(l1_dir(), stamp)) is not None:
+            return image
+    d = l1_dir()
+    return L1Image("", d / "vmlinuz", d / INITRD_NAME, "", d / lab_image.CLIENT_KEY_NAME, "")
+
+
+# --------------------------------------------------------------------------------------------------
+# the domain XML
+
+
+def give_mac(name: str) -> str:
+    """A stable MAC for the e1000 L1 gives away (distinct from the management NIC's)."""
+    return mgmt_mac(f"{name}/e1000")
+
+
+def kernel_cmdline(mac: str, lab_dir: str) -> str:
+    return f"console=ttyS0 edd=off quiet intel_iommu=on vhotplug.mgmt_mac={mac} vhotplug.labdir={lab_dir}"
+
+
+def _target(name: str, port: int, image: L1Image) -> SSHTarget:
+    files = _domain_files(name)
+    return SSHTarget(SSH_HOST, _check_port(port), "root", image.client_key, files.known_hosts, source="lab metadata")
+
+
+def l1_xml(name: str, port: int, *, image: L1Image | None = None, memory_mib: int = MEMORY_MIB,
+           vcpus: int = VCPUS) -> str:
+    """The domain XML of L1 ``name`` with SSH forwarded from ``127.0.0.1:port``.
+
+    ``image``: the built image (default: the one in the lab directory, or its future paths).
+    """
+    check_name(name)
+    image = image or _planned_image()
+    files = _domain_files(name)
+    target = _target(name, port, image)
+    lab_dir = safe_path(manager.lab_root(), "lab directory")
+    uri = l1_uri(port, key=image.client_key, known_hosts=files.known_hosts, wrapper=files.wrapper)
+
+    root = templates.load("lab-l1")
+    root.find("name").text = name
+    for tag in ("memory", "currentMemory"):
+        root.find(tag).text = str(int(memory_mib))
+    root.find("vcpu").text = str(int(vcpus))
+    os_el = root.find("os")
+    os_el.find("kernel").text = str(image.kernel)
+    os_el.find("initrd").text = str(image.initrd)
+    mac = mgmt_mac(name)
+    os_el.find("cmdline").text = kernel_cmdline(mac, lab_dir)
+
+    devices = root.find("devices")
+    devices.find("interface/mac").set("address", give_mac(name))
+    devices.find(f"filesystem[target/@dir='{LAB_TAG}']/source").set("dir", lab_dir)
+    devices.find("serial/source").set("path", str(files.serial_log))
+
+    meta = metadata_element(target)
+    lab = etree.SubElement(meta, f"{{{METADATA_NS}}}lab")
+    lab.set("kind", KIND)
+    lab.set("machine", "q35")
+    lab.set("accel", root.get("type"))
+    lab.set("serial-log", str(files.serial_log))
+    lab.set("uri", uri)
+    if image.build_id:
+        lab.set("image", image.build_id)  # up_l1 replaces an L1 booted from another build
+    root.find("metadata").append(meta)
+
+    # Management NIC: user networking with SSH forwarded on 127.0.0.1 only, on the QEMU command line
+    # so the host's libvirt does not list it as a device (as for the lab guest).
+    cmdline = root.find(f"{{{QEMU_NS}}}commandline")
+    args = [
+        "-netdev", f"user,id=vhmgmt,net=10.0.2.0/24,hostfwd=tcp:{SSH_HOST}:{target.port}-:22",
+        "-device", f"virtio-net-pci,netdev=vhmgmt,mac={mac},bus=pcie.0,addr=0x1e,romfile=",
+    ]
+    for value in args:
+        etree.SubElement(cmdline, f"{{{QEMU_NS}}}arg", value=value)
+    return templates.tostring(root)
+
+
+# --------------------------------------------------------------------------------------------------
+# lifecycle
+
+
+def _lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise translate(exc, f"looking up domain {name!r}") from exc
+
+
+def _read_l1(dom: libvirt.virDomain) -> tuple[L1, str] | None:
+    """The L1 described by ``dom``'s metadata and the build it was booted from; None if not an L1."""
+    try:
+        xml = dom.XMLDesc(0)
+        state = manager._STATES.get(dom.state()[0], "unknown")
+    except libvirt.libvirtError:
+        return None  # vanished meanwhile
+    root = etree.fromstring(xml.encode())
+    lab = root.xpath("//vh:guest/vh:lab[@kind=$kind]", namespaces=_META, kind=KIND)
+    target = target_from_metadata(root)
+    if not lab or target is None or not lab[0].get("uri"):
+        return None
+    l1 = L1(dom.name(), replace(target, source="lab metadata"), lab[0].get("uri"), state)
+    return l1, lab[0].get("image", "")
+
+
+def find_l1(conn: libvirt.virConnect, name: str) -> L1 | None:
+    """The L1 named ``name`` from its domain metadata; None if there is no such domain or it is not an L1."""
+    dom = _lookup(conn, check_name(name))
+    if dom is None:
+        return None
+    found = _read_l1(dom)
+    return found[0] if found else None
+
+
+def _active(dom: libvirt.virDomain) -> bool:
+    try:
+        return bool(dom.isActive())
+    except libvirt.libvirtError:
+        return False
+
+
+def wait_for_libvirt(uri: str, *, deadline: float, dom: libvirt.virDomain | None = None) -> float:
+    """Poll until libvirtd answers ``getVersion`` over ``uri``; return seconds waited.
+
+    Bounded by ``deadline`` (``time.monotonic()``); with ``dom``, stop early if that domain stops.
+    """
+    start = time.monotonic()
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if dom is not None and not _active(dom):
+            raise errors.LabError(f"L1 {dom.name()} stopped while waiting for its libvirtd")
+        try:
+            conn = open_connection(uri)
+        except errors.ConnectionFailed as exc:
+            last = exc
+        else:
+            try:
+                conn.getVersion()
+                return time.monotonic() - start
+            except libvirt.libvirtError as exc:
+                last = translate(exc)
+            finally:
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.close()
+        time.sleep(POLL_INTERVAL)
+    raise errors.Timeout(f"libvirtd in L1 did not answer over {uri} in time: {last}")
+
+
+def _wait_ssh(dom: libvirt.virDomain, target: SSHTarget, deadline: float) -> None:
+    """wait_for_ssh in short slices, failing at once when the domain stops (a failed /init powers off)."""
+    while True:
+        if not _active(dom):
+            raise errors.LabError(f"L1 {dom.name()} stopped during boot")
+        try:
+            wait_for_ssh(target, deadline=min(deadline, time.monotonic() + 5))
+            return
+        except errors.Timeout:
+            if time.monotonic() >= deadline:
+                raise
+
+
+def _usable(l1: L1) -> bool:
+    """A running L1 answers SSH and libvirt within a short bound."""
+    try:
+        wait_for_ssh(l1.target, deadline=time.monotonic() + REUSE_SSH_SECONDS)
+        wait_for_libvirt(l1.uri, deadline=time.monotonic() + REUSE_LIBVIRT_SECONDS)
+    except errors.VhotplugError:
+        return False
+    return True
+
+
+def up_l1(conn: libvirt.virConnect, name: str, *, timeout: float = 180.0) -> L1:
+    """Boot L1 ``name`` (building what is missing) and wait until its libvirtd answers over its URI.
+
+    A running L1 of the same build that answers is reused as it is; a stopped, unreachable or
+    outdated one, or another lab domain of that name, is replaced. A domain of that name that is
+    not a lab domain is refused.
+    """
+    check_name(name)
+    image = build_l1()
+    dom = _lookup(conn, name)
+    if dom is not None:
+        found = _read_l1(dom)
+        if found is not None:
+            l1, build_id = found
+            if l1.state == "running" and build_id == image.build_id and _usable(l1):
+                return l1
+        manager.down(conn, name)  # refuses a domain that is not a lab domain
+    return _boot(conn, name, image, timeout)
+
+
+def _boot(conn: libvirt.virConnect, name: str, image: L1Image, timeout: float) -> L1:
+    files = _domain_files(name)
+    files.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+    # The forward is chosen now, free at this moment; SSH is bound to loopback only.
+    target = _target(name, manager.free_port(), image)
+    lab_image._atomic_write(files.known_hosts, f"[{target.host}]:{target.port} {image.host_key_pub}\n".encode())
+    write_ssh_wrapper(files.wrapper, key=image.client_key, known_hosts=files.known_hosts)
+    files.serial_log.unlink(missing_ok=True)
+    xml = l1_xml(name, target.port, image=image)
+    uri = l1_uri(target.port, key=image.client_key, known_hosts=files.known_hosts, wrapper=files.wrapper)
+    try:
+        dom = conn.defineXML(xml)
+    except libvirt.libvirtError as exc:
+        raise translate(exc, f"defining L1 domain {name}") from exc
+    started = time.monotonic()
+    try:
+        dom.create()
+    except libvirt.libvirtError as exc:
+        err = translate(exc, f"starting L1 domain {name}")
+        raise errors.LabError(err.message, hint="see the libvirt/QEMU message above") from exc
+    deadline = started + timeout
+    try:
+        _wait_ssh(dom, target, deadline)
+        booted = time.monotonic() - started
+        wait_for_libvirt(uri, deadline=deadline, dom=dom)
+        ready = time.monotonic() - started
+    except errors.VhotplugError as exc:
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.destroy()
+        raise errors.LabError(
+            f"L1 {name} did not come up within {timeout:g} s ({exc}); last serial output "
+            f"({files.serial_log}):\n{manager.serial_tail(files.serial_log)}",
+            hint="the domain was stopped and left defined; `vhotplug lab down` removes it",
+        ) from exc
+    return L1(name, target, uri, "running", boot_seconds=booted, libvirt_seconds=ready)
+
