@@ -49,15 +49,22 @@ def up(
     = False,
     plain: Annotated[bool, typer.Option("--plain", help="Define it NOT hotplug-ready (no maxMemory/NUMA cell, "
                                         "1 vCPU of 1, one free root port): for `vhotplug prepare`.")] = False,
+    nested: Annotated[bool, typer.Option("--nested", help="Boot L1 instead: a hypervisor guest with a virtual "
+                                         "Intel IOMMU and its own libvirtd, devices to pass through (an e1000, a "
+                                         "USB tablet), reached over qemu+ssh (its URI is printed).")] = False,
 ) -> None:
     """Define and boot the lab domain, wait until its SSH answers, print the boot time.
 
     Idempotent: a running lab domain that answers is left as it is; a stale one is
     replaced. How to reach the guest is recorded in the domain's <metadata>, so
-    every vhotplug command finds it.
+    every vhotplug command finds it. With -c pointing at an L1's URI, the lab guest
+    (L2) is defined inside L1 and reached through L1 as a jump host.
     """
     from vhotplug.lab import manager  # the lab's machinery only for lab commands
 
+    if nested:
+        _up_l1(ctx, L1_DEFAULT_NAME if name == DEFAULT_NAME else name, timeout=timeout)
+        return
     m, a = _machine(machine), _accel(accel)
     if print_xml:
         typer.echo(manager.planned_xml(name, machine=m, accel=a, plain=plain), nl=False)
@@ -74,6 +81,25 @@ def up(
         shape = f"{lab.machine}, {lab.accel}{', plain' if lab.plain else ''}"
         typer.echo(f"lab domain {lab.name} booted to SSH in {result.boot_seconds:.1f} s ({shape}); "
                    f"SSH at {lab.target}")
+
+
+L1_DEFAULT_NAME = "vhotplug-l1"
+
+
+def _up_l1(ctx: typer.Context, name: str, *, timeout: float) -> None:
+    from vhotplug.lab import nested
+
+    with connection(state(ctx).uri) as conn:
+        l1 = nested.up_l1(conn, name, timeout=timeout)
+    if state(ctx).output is OutputFormat.json:
+        output.json_out(l1.to_dict())
+        return
+    if l1.boot_seconds:
+        typer.echo(f"L1 {l1.name} booted to SSH in {l1.boot_seconds:.1f} s, its libvirtd answered after "
+                   f"{l1.libvirt_seconds:.1f} s (q35, virtual Intel IOMMU, TCG)")
+    else:
+        typer.echo(f"L1 {l1.name} already running")
+    typer.echo(f"libvirt in L1: -c '{l1.uri}'")
 
 
 @app.command()

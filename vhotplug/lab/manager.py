@@ -24,6 +24,9 @@ from vhotplug.lab import image as lab_image
 from vhotplug.lab.domain import Accel, LabSpec, Machine, build_domain_xml, check_name
 from vhotplug.virt.errors import translate
 
+#: Where a lab guest inside a remote hypervisor writes its serial console (that host's libvirt log dir).
+REMOTE_LOG_DIR = Path("/var/log/libvirt/qemu")
+
 
 def lab_root() -> Path:
     """Where lab files live: readable by the QEMU process (not under /root)."""
@@ -47,11 +50,13 @@ class LabDomain:
     accel: str
     serial_log: str
     plain: bool = False  # defined without hot-plug room (`lab up --plain`)
+    kind: str = "guest"  # "guest" (the lab guest) or "l1" (the nested lab's hypervisor)
+    uri: str | None = None  # an L1's libvirt URI (qemu+ssh://...)
 
     def to_dict(self) -> dict[str, object]:
         return {
-            "name": self.name, "state": self.state, "machine": self.machine, "accel": self.accel,
-            "plain": self.plain,
+            "name": self.name, "kind": self.kind, "state": self.state, "machine": self.machine,
+            "accel": self.accel, "plain": self.plain, "uri": self.uri,
             "ssh": str(self.target) if self.target else None,
             "key": str(self.target.key) if self.target and self.target.key else None,
             "known_hosts": str(self.target.known_hosts) if self.target and self.target.known_hosts else None,
@@ -86,7 +91,8 @@ def _lab_info(dom: libvirt.virDomain) -> LabDomain | None:
     if not lab:
         return None
     return LabDomain(dom.name(), state, target_from_metadata(root), lab[0].get("machine", "?"),
-                     lab[0].get("accel", "?"), lab[0].get("serial-log", ""), plain=lab[0].get("plain") == "yes")
+                     lab[0].get("accel", "?"), lab[0].get("serial-log", ""), plain=lab[0].get("plain") == "yes",
+                     kind=lab[0].get("kind", "guest"), uri=lab[0].get("uri"))
 
 
 def list_labs(conn: libvirt.virConnect) -> list[LabDomain]:
@@ -153,7 +159,10 @@ def _spec(name: str, machine: Machine, accel: Accel, kernel: Path, initrd: Path,
     # it as a jump host; a port free here is very likely free there too (the hypervisor runs little).
     target = SSHTarget("127.0.0.1", free_port(), "root", key, ddir / "known_hosts", source="lab metadata",
                        jump=jump)
-    return LabSpec(name=name, kernel=kernel, initrd=initrd, serial_log=ddir / "serial.log", ssh=target,
+    # Inside a remote hypervisor the lab directory is read-only (the nested L1 sees it over 9p): the serial
+    # log goes to that host's own libvirt log directory instead.
+    serial = REMOTE_LOG_DIR / f"{name}-serial.log" if jump else ddir / "serial.log"
+    return LabSpec(name=name, kernel=kernel, initrd=initrd, serial_log=serial, ssh=target,
                    machine=machine, accel=accel, image_id=image_id, plain=plain)
 
 
@@ -197,7 +206,8 @@ def up(conn: libvirt.virConnect, name: str = DEFAULT_NAME, *, machine: Machine =
     dom = _find(conn, name)
     if dom is not None:
         info = _require_lab(dom)
-        same_shape = info.machine == machine and info.accel == accel and info.plain == plain
+        same_shape = (info.machine == machine and info.accel == accel and info.plain == plain
+                      and info.kind == "guest")
         if info.state == "running" and info.target and same_shape:
             with contextlib.suppress(errors.GuestUnreachable, errors.Timeout, errors.GuestHostKeyError):
                 slow = info.target.jump is not None  # nested: one handshake takes seconds
@@ -209,7 +219,8 @@ def up(conn: libvirt.virConnect, name: str = DEFAULT_NAME, *, machine: Machine =
     jump = remote_jump(conn)
     spec = _spec(name, machine, accel, img.kernel, img.initrd, img.client_key, img.kver, plain, jump)
     domain_dir(name).mkdir(parents=True, exist_ok=True)
-    spec.serial_log.unlink(missing_ok=True)
+    if jump is None:
+        spec.serial_log.unlink(missing_ok=True)
     assert spec.ssh.known_hosts is not None
     spec.ssh.known_hosts.write_text(f"[{spec.ssh.host}]:{spec.ssh.port} {img.host_key_pub}\n")
     serial, target = spec.serial_log, spec.ssh

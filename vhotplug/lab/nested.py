@@ -5,9 +5,10 @@ L1 lets passthrough be exercised on devices that are not this machine's: it owns
 managed like any remote hypervisor, over ``qemu+ssh://root@127.0.0.1:PORT/system``.
 
 L1 has no disk image. Its root is the host's ``/`` shared read-only over 9p under a tmpfs overlay,
-so it runs the host's own libvirtd, QEMU and dropbear; the boot files (``/init``, inittab, sysinit,
-qemu.conf) are the fixed files in ``vhotplug/lab/l1/``. The lab directory is shared a second time,
-uncached, at the same path: L2 guests inside L1 boot from files the host writes there. Files::
+so it runs the host's own libvirtd, QEMU, dropbear and udevd; the boot files (``/init``, inittab,
+sysinit, qemu.conf, one udev rule) are the fixed files in ``vhotplug/lab/l1/``. The lab directory is
+shared a second time, read-only and uncached, at the same path: L2 guests inside L1 boot from files
+the host writes there, and L1 sees them as they are now. Files::
 
     $VHOTPLUG_LAB_DIR/l1/vmlinuz-KVER        private copy: libvirt chowns <kernel>/<initrd> while a domain runs
     $VHOTPLUG_LAB_DIR/l1/initrd.img          busybox + the modules L1 needs + /init + its keys
@@ -52,9 +53,15 @@ from vhotplug.virt.errors import translate
 FORMAT_VERSION = 1
 KIND = "l1"
 
-#: The files under vhotplug/lab/l1/ that go into the initramfs.
-BOOT_FILES = ("init", "inittab", "sysinit.sh", "qemu.conf")
-#: Loaded by /init before switch_root: L1 has no udev, so nothing would load a driver later.
+#: The files under vhotplug/lab/l1/ and where they go in the initramfs (/init installs the others).
+BOOT_FILES: dict[str, tuple[str, int]] = {
+    "init": ("init", 0o755),
+    "inittab": ("vhotplug/inittab", 0o644),
+    "sysinit.sh": ("vhotplug/sysinit.sh", 0o755),
+    "qemu.conf": ("vhotplug/qemu.conf", 0o644),
+    "udev.rules": ("vhotplug/udev.rules", 0o644),
+}
+#: Loaded by /init before switch_root: L1's udev has no rules that load modules, so nothing would later.
 MODULES: tuple[str, ...] = (
     "virtio_pci", "virtio_net", "9pnet_virtio", "9p", "overlay",
     "vfio_pci", "vfio_iommu_type1", "e1000", "xhci_pci", "usbhid", "hid_generic",
@@ -69,6 +76,8 @@ HOST_PROGRAMS: dict[str, str] = {
     "/usr/sbin/virtlogd": "libvirt-daemon-system",
     "/usr/bin/qemu-system-x86_64": "qemu-system-x86",
     "/usr/sbin/dropbear": "dropbear-bin",
+    "/lib/systemd/systemd-udevd": "udev",
+    "/bin/udevadm": "udev",
 }
 
 MEMORY_MIB = 1536
@@ -77,6 +86,10 @@ VCPUS = 2
 E1000_SLOT = 5
 E1000_NODEDEV = "pci_0000_00_05_0"
 TABLET_IDS = (0x0627, 0x0001)
+
+#: Inside L1: the lab directory is a read-only, uncached view of the host's; what L1's libvirt writes
+#: (its guests' serial logs) belongs on L1's own file system, in this directory (tmpfs, made at boot).
+GUEST_LOG_DIR = manager.REMOTE_LOG_DIR
 
 INITRD_NAME = "initrd.img"
 STAMP_NAME = "stamp.json"
@@ -143,7 +156,7 @@ def safe_path(path: Path | str, what: str) -> str:
         raise errors.LabError(
             f"{what} {text!r} cannot be used by the nested lab: it goes into an ssh command line and a "
             "libvirt URI, so only an absolute path of letters, digits and ._+-/ is accepted",
-            hint="set VHOTPLUG_LAB_DIR to a plain path such as /var/lib/vhotplug/lab",
+            hint="use plain paths (VHOTPLUG_LAB_DIR, where the lab's files go, defaults to /var/lib/vhotplug/lab)",
         )
     return text
 
@@ -215,10 +228,11 @@ def ssh_wrapper_script(*, key: Path, known_hosts: Path, ssh: Path | str | None =
     )
 
 
-def write_ssh_wrapper(path: Path, *, key: Path, known_hosts: Path) -> Path:
+def write_ssh_wrapper(path: Path, *, key: Path, known_hosts: Path, ssh: Path | str | None = None) -> Path:
     """Write the wrapper (0755, atomically) and return its path."""
     safe_path(path, "ssh wrapper")
-    lab_image._atomic_write(path, ssh_wrapper_script(key=key, known_hosts=known_hosts).encode(), 0o755)
+    script = ssh_wrapper_script(key=key, known_hosts=known_hosts, ssh=ssh)
+    lab_image._atomic_write(path, script.encode(), 0o755)
     return path
 
 
@@ -286,8 +300,7 @@ def _stage(staging: Path, modules: list[Path], host_key: Path, client_pub: str) 
     for dep in lab_image.elf_deps(lab_image.BUSYBOX):
         lab_image._copy_in(staging, dep, str(dep), 0o755)
 
-    for name, dest, mode in (("init", "init", 0o755), ("inittab", "vhotplug/inittab", 0o644),
-                             ("sysinit.sh", "vhotplug/sysinit.sh", 0o755), ("qemu.conf", "vhotplug/qemu.conf", 0o644)):
+    for name, (dest, mode) in BOOT_FILES.items():
         (staging / dest).write_bytes(_boot_file(name))
         os.chmod(staging / dest, mode)
     lab_image._copy_in(staging, host_key, f"vhotplug/{lab_image.HOST_KEY_NAME}", 0o600)
@@ -430,7 +443,7 @@ def l1_xml(name: str, port: int, *, image: L1Image | None = None, memory_mib: in
 
     devices = root.find("devices")
     devices.find("interface/mac").set("address", give_mac(name))
-    devices.find(f"filesystem[target/@dir='{LAB_TAG}']/source").set("dir", lab_dir)
+    devices.xpath("filesystem[target/@dir=$tag]/source", tag=LAB_TAG)[0].set("dir", lab_dir)
     devices.find("serial/source").set("path", str(files.serial_log))
 
     meta = metadata_element(target)

@@ -1,0 +1,103 @@
+"""The nested lab's L1 for integration tests: booted once per session under the machine's libvirtd.
+
+Nothing here skips: if L1 cannot come up, every nested test errors. The domain name carries the
+pytest PID (``vhn-l1-PID``), so runs on a reused machine never collide, and the L1 of a run that
+was killed (its PID is gone) is removed at the next run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+
+import libvirt
+import pytest
+
+from vhotplug.lab import manager, nested
+from vhotplug.lab.nested import L1
+from vhotplug.virt.connection import connection, open_connection
+
+URI = os.environ.get("VHOTPLUG_TEST_URI", "qemu:///system")
+_TEST_L1 = re.compile(r"^vhn-l1-(\d+)$")
+_LINES: list[str] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "nested: needs the nested lab's L1 booted under the machine's libvirtd")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/nested/" in str(item.fspath):
+            item.add_marker(pytest.mark.nested)
+
+
+def report(config: pytest.Config, line: str) -> None:
+    """Show ``line`` now (past pytest's capture) and again in the final summary."""
+    _LINES.append(line.strip())
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capman = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capman is not None:
+        with capman.global_and_fixture_disabled():
+            reporter.write_line(line)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _LINES:
+        terminalreporter.section("nested lab times")
+        for line in _LINES:
+            terminalreporter.write_line(line)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_l1s(conn: libvirt.virConnect) -> list[str]:
+    """L1s left by a test run that was killed (its pytest PID is gone); only lab-marked domains are touched."""
+    removed = []
+    for lab in manager.list_labs(conn):
+        m = _TEST_L1.match(lab.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            manager.down(conn, lab.name)
+            removed.append(lab.name)
+    return removed
+
+
+@pytest.fixture(scope="session")
+def l1(request: pytest.FixtureRequest) -> Iterator[L1]:
+    name = f"vhn-l1-{os.getpid()}"
+    with connection(URI) as conn:
+        stale = remove_stale_l1s(conn)
+    if stale:
+        report(request.config, f"\nremoved L1 domains left by killed test runs: {', '.join(stale)}")
+    try:
+        with connection(URI) as conn:
+            booted = nested.up_l1(conn, name, timeout=300)
+        report(request.config, f"\nL1 {name}: SSH after {booted.boot_seconds:.1f} s, libvirtd answered after "
+                               f"{booted.libvirt_seconds:.1f} s (q35 + intel IOMMU, TCG)")
+        yield booted
+    finally:
+        with connection(URI) as conn:
+            manager.down(conn, name)
+
+
+@pytest.fixture
+def host_conn() -> Iterator[libvirt.virConnect]:
+    c = open_connection(URI)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def l1_conn(l1: L1) -> Iterator[libvirt.virConnect]:
+    c = open_connection(l1.uri)
+    yield c
+    c.close()
