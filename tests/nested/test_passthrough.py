@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import libvirt
 import pytest
 
+from tests.nested.conftest import report
 from vhotplug.cli import main
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.host import journal
@@ -41,9 +42,7 @@ def l2(l1, request: pytest.FixtureRequest) -> Iterator[L2]:
     conn = libvirt.open(l1.uri)
     try:
         up = manager.up(conn, name, timeout=400)
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line(f"L2 {name}: booted inside L1 to SSH in {up.boot_seconds:.1f} s (nested TCG)")
+        report(request.config, f"L2 {name}: booted inside L1 to SSH in {up.boot_seconds:.1f} s (nested TCG)")
         yield L2(name, up.boot_seconds)
     finally:
         manager.down(conn, name)
@@ -85,7 +84,7 @@ def test_l1s_own_devices_are_refused(l1, l2, capsys):
     assert l1_driver(l1, mgmt["address"]) == "virtio-pci"
 
 
-def test_nic_passthrough_end_to_end(l1, l2, capsys):
+def test_nic_passthrough_end_to_end(l1, l2, capsys, request):
     """Seed 1.2(1) / Xen plan 1.4: detach from L1's driver, attach, verify in L2, ping, detach, back in L1."""
     started = time.monotonic()
     code, out, err = vh(capsys, "-c", l1.uri, "-o", "json", "attach", "pci", l2.name, E1000, "--id", "pt",
@@ -105,8 +104,9 @@ def test_nic_passthrough_end_to_end(l1, l2, capsys):
     assert "guest_gone_seconds" in det
     assert l1_driver(l1) == "e1000"
     assert journal.entries() == []
-    print(f"nested NIC passthrough: attach+verify+ping {attach_s:.1f} s, detach+gone+reattach "
-          f"{time.monotonic() - started:.1f} s, guest saw it {att['guest_seen_seconds']:.1f} s after the attach")
+    report(request.config, f"NIC passthrough into L2: attach+verify+ping {attach_s:.1f} s (guest saw e1000 bound "
+           f"{att['guest_seen_seconds']:.1f} s after the attach call), detach+gone+reattach "
+           f"{time.monotonic() - started:.1f} s")
 
 
 def test_guest_that_never_shows_the_device_is_rolled_back(l1, l2, capsys):
@@ -121,7 +121,7 @@ def test_guest_that_never_shows_the_device_is_rolled_back(l1, l2, capsys):
 
 
 @pytest.mark.parametrize("spec", [f"host:{TABLET}", "by-address"])
-def test_usb_passthrough_end_to_end(l1, l2, capsys, spec):
+def test_usb_passthrough_end_to_end(l1, l2, capsys, request, spec):
     """Seed 1.2(2): usb_add host:VENDOR:PRODUCT and host:BUS.ADDR, seen in L2 by its ids, then gone."""
     if spec == "by-address":
         code, out, err = vh(capsys, "-c", l1.uri, "-o", "json", "host", "list", "--usb")
@@ -134,4 +134,7 @@ def test_usb_passthrough_end_to_end(l1, l2, capsys, spec):
     assert att["identity"] == TABLET and att["guest"]["driver"] in ("usbhid", "usb")
     code, out, err = vh(capsys, "-c", l1.uri, "-o", "json", "detach", l2.name, "tab", "--timeout", "60")
     assert code == 0, err
-    assert "guest_gone_seconds" in json.loads(out)["detached"]
+    det = json.loads(out)["detached"]
+    assert "guest_gone_seconds" in det
+    report(request.config, f"USB passthrough into L2 ({spec}): seen {att['guest_seen_seconds']:.1f} s after the "
+           f"attach, gone {det['guest_gone_seconds']:.1f} s after the detach request")
