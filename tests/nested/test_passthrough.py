@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import libvirt
 import pytest
+from lxml import etree
 
 from tests.nested.conftest import report
 from vhotplug.cli import main
@@ -138,3 +141,30 @@ def test_usb_passthrough_end_to_end(l1, l2, capsys, request, spec):
     assert "guest_gone_seconds" in det
     report(request.config, f"USB passthrough into L2 ({spec}): seen {att['guest_seen_seconds']:.1f} s after the "
            f"attach, gone {det['guest_gone_seconds']:.1f} s after the detach request")
+
+
+def test_guest_destroyed_mid_attach_leaves_the_device_on_l1(l1, l2, tmp_path):
+    """A real failure in the middle: L2 is destroyed right after L1 gave the e1000 to vfio-pci. Runs last in
+    this module (it ends L2)."""
+    env = {**os.environ, "VHOTPLUG_STATE_DIR": str(tmp_path / "state")}
+    proc = subprocess.Popen([sys.executable, "-m", "vhotplug", "-c", l1.uri, "attach", "pci", l2.name, E1000,
+                             "--id", "gone", "--timeout", "60"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    conn = libvirt.open(l1.uri)
+    try:
+        dev = conn.nodeDeviceLookupByName("pci_0000_00_05_0")
+        deadline = time.monotonic() + 60
+        while etree.fromstring(dev.XMLDesc(0)).findtext("driver/name") != "vfio-pci":  # bounded poll
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        conn.lookupByName(l2.name).destroy()
+        _out, err = proc.communicate(timeout=120)
+        assert proc.returncode not in (0, 15), err  # failed, and the rollback did not
+        assert "is back on the host (on its host driver e1000)" in err
+        assert etree.fromstring(dev.XMLDesc(0)).findtext("driver/name") == "e1000"
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # the vhotplug this test started
+        conn.close()
+    assert l1_driver(l1) == "e1000"
+    assert not list((tmp_path / "state").glob("journal/*.json"))

@@ -389,7 +389,7 @@ def _serve_client(conn: socket.socket, transport: object) -> None:
         chan = transport.open_session(timeout=10)  # type: ignore[attr-defined]
         chan.exec_command(request["command"])
     except (paramiko.SSHException, OSError, EOFError) as exc:
-        send_frame(conn, b"E", f"cannot open a channel to the guest: {exc}".encode())
+        send_frame(conn, b"E", f"cannot open a channel to the guest: {exc or type(exc).__name__}".encode())
         return
     try:
         _relay(conn, chan)
