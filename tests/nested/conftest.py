@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterator
 
 import libvirt
@@ -23,8 +24,22 @@ _TEST_L1 = re.compile(r"^vhn-l1-(\d+)$")
 _LINES: list[str] = []
 
 
+_SPAN: list[float] = []  # monotonic times of the first nested test's start and the last one's end
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "nested: needs the nested lab's L1 booted under the machine's libvirtd")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  # type: ignore[no-untyped-def]
+    nested = "tests/nested/" in str(item.fspath)
+    if nested and not _SPAN:
+        _SPAN.append(time.monotonic())
+    yield
+    if nested:
+        del _SPAN[1:]
+        _SPAN.append(time.monotonic())  # after teardown: L2 and L1 removal count too
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -48,6 +63,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("nested lab times")
         for line in _LINES:
             terminalreporter.write_line(line)
+        if len(_SPAN) == 2:
+            terminalreporter.write_line(f"the whole nested job (L1 + L2 boot, every scenario, teardown): "
+                                        f"{_SPAN[1] - _SPAN[0]:.0f} s (bound: 15 min)")
 
 
 def _alive(pid: int) -> bool:

@@ -5,6 +5,7 @@ device to L2 (the ordinary lab guest running inside L1), driven from the host wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -20,10 +21,12 @@ from lxml import etree
 from tests.nested.conftest import report
 from vhotplug.cli import main
 from vhotplug.guest.ssh import GuestSession
+from vhotplug.guest.target import target_from_metadata
 from vhotplug.host import journal
 from vhotplug.lab import manager
 
 E1000 = "0000:00:05.0"  # L1's e1000, alone in its IOMMU group
+SATA = "0000:00:06.0"  # L1's spare AHCI controller with a 16 MiB partitioned disk (serial vh-l1sata)
 TABLET = "0627:0001"  # QEMU's usb-tablet on L1's xhci
 
 
@@ -112,10 +115,34 @@ def test_nic_passthrough_end_to_end(l1, l2, capsys, request):
            f"{time.monotonic() - started:.1f} s")
 
 
+def l2_run(l1, l2: L2, argv: list[str]) -> str:
+    """Run a command inside L2, reached through L1 as the metadata says."""
+    conn = libvirt.open(l1.uri)
+    try:
+        target = target_from_metadata(conn.lookupByName(l2.name).XMLDesc(0))
+    finally:
+        conn.close()
+    with GuestSession(target, connect_timeout=60) as s:
+        return s.run(argv, timeout=60).stdout
+
+
+@contextlib.contextmanager
+def no_driver_binding(l1, l2: L2) -> Iterator[None]:
+    """L2's kernel binds no driver to new PCI devices (drivers_autoprobe 0): the device arrives, never works."""
+    l2_run(l1, l2, ["sh", "-c", "echo 0 > /sys/bus/pci/drivers_autoprobe"])
+    try:
+        yield
+    finally:
+        l2_run(l1, l2, ["sh", "-c", "echo 1 > /sys/bus/pci/drivers_autoprobe"])
+
+
 def test_guest_that_never_shows_the_device_is_rolled_back(l1, l2, capsys):
-    """A real failure after the host detach: the guest check times out; the device ends on e1000 again."""
-    code, out, err = vh(capsys, "-c", l1.uri, "attach", "pci", l2.name, E1000, "--id", "rb", "--timeout", "0.5")
+    """A real failure after the host detach: L2 binds no driver, so the guest check times out; the device is
+    taken out of L2 again and ends on its L1 driver."""
+    with no_driver_binding(l1, l2):
+        code, out, err = vh(capsys, "-c", l1.uri, "attach", "pci", l2.name, E1000, "--id", "rb", "--timeout", "8")
     assert code == 10, err
+    assert "present but no driver bound" in err
     assert "rolled back" in err and "is back on the host (on its host driver e1000)" in err
     assert l1_driver(l1) == "e1000"
     code, out, err = vh(capsys, "-c", l1.uri, "-o", "json", "list", l2.name)
@@ -143,21 +170,49 @@ def test_usb_passthrough_end_to_end(l1, l2, capsys, request, spec):
            f"attach, gone {det['guest_gone_seconds']:.1f} s after the detach request")
 
 
+def test_sata_controller_passthrough(l1, l2, capsys, request):
+    """Seed 1.2(3): a SATA controller (its own IOMMU group in L1) to L2; L2 sees its disk (`fdisk -l`)."""
+    code, out, err = vh(capsys, "-c", l1.uri, "-o", "json", "attach", "pci", l2.name, SATA, "--id", "sata",
+                        "--timeout", "60")
+    assert code == 0, err
+    att = json.loads(out)["attached"]
+    assert att["identity"] == "8086:2922" and att["guest"]["driver"] == "ahci"  # a new one, not L2's own
+    assert att["host"]["driver_before"] == "ahci" and l1_driver(l1, SATA) == "vfio-pci"
+    disk = None
+    deadline = time.monotonic() + 60
+    while disk is None:  # the controller is bound; its disk follows once libata has probed the port
+        code, out, err = vh(capsys, "-c", l1.uri, "-o", "json", "list", l2.name, "--guest")
+        assert code == 0, err
+        disk = next((b for b in json.loads(out)["guest"]["block"] if b["serial"] == "vh-l1sata"), None)
+        assert disk is not None or time.monotonic() < deadline, "L2 never showed the SATA disk"
+    assert disk["size_bytes"] == 16 << 20
+    code, out, err = vh(capsys, "-c", l1.uri, "-o", "json", "detach", l2.name, "sata", "--timeout", "60")
+    assert code == 0, err
+    assert json.loads(out)["detached"]["host"]["driver_now"] == "ahci" and l1_driver(l1, SATA) == "ahci"
+    report(request.config, f"SATA controller passthrough into L2: ahci bound {att['guest_seen_seconds']:.1f} s "
+           f"after the attach, disk {disk['name']} (16 MiB) listed; back on ahci in L1")
+
+
 def test_guest_destroyed_mid_attach_leaves_the_device_on_l1(l1, l2, tmp_path):
     """A real failure in the middle: L2 is destroyed right after L1 gave the e1000 to vfio-pci. Runs last in
     this module (it ends L2)."""
     env = {**os.environ, "VHOTPLUG_STATE_DIR": str(tmp_path / "state")}
+    l2_run(l1, l2, ["sh", "-c", "echo 0 > /sys/bus/pci/drivers_autoprobe"])  # so the attach waits in its check
     proc = subprocess.Popen([sys.executable, "-m", "vhotplug", "-c", l1.uri, "attach", "pci", l2.name, E1000,
                              "--id", "gone", "--timeout", "60"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     conn = libvirt.open(l1.uri)
     try:
         dev = conn.nodeDeviceLookupByName("pci_0000_00_05_0")
+        dom = conn.lookupByName(l2.name)
         deadline = time.monotonic() + 60
-        while etree.fromstring(dev.XMLDesc(0)).findtext("driver/name") != "vfio-pci":  # bounded poll
+        # Bounded poll until the e1000 is on vfio-pci in L1 *and* attached to L2 (the attach then waits in
+        # its guest check, which cannot succeed): that is the middle of the operation.
+        while etree.fromstring(dev.XMLDesc(0)).findtext("driver/name") != "vfio-pci" or "ua-gone" not in \
+                dom.XMLDesc(0):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
-        conn.lookupByName(l2.name).destroy()
+        dom.destroy()
         _out, err = proc.communicate(timeout=120)
         assert proc.returncode not in (0, 15), err  # failed, and the rollback did not
         assert "is back on the host (on its host driver e1000)" in err

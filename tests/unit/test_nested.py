@@ -402,3 +402,19 @@ def test_force_rebuild_is_deterministic(lab_env: tuple[Path, L1Image]) -> None:
     again = nested.build_l1(force=True)
     assert again == img and _ident(again.initrd) != old_ident
     assert again.initrd.read_bytes() == old_bytes
+
+
+def test_sata_controller_and_disk_to_give_away(tmp_path):
+    from lxml import etree as et
+
+    root = et.fromstring(nested.l1_xml("vhn-sata", 2222).encode())
+    ctl = root.find("devices/controller[@type='sata'][@index='1']")
+    assert ctl.find("address").get("slot") == "0x06" and ctl.find("address").get("bus") == "0x00"
+    disk = root.find("devices/disk")
+    assert disk.findtext("serial") == "vh-l1sata" and disk.find("address").get("controller") == "1"
+    assert disk.find("source").get("file").endswith("/domains/vhn-sata/sata.img")
+    image = tmp_path / "sata.img"
+    nested.write_sata_disk(image)
+    data = image.read_bytes()
+    assert len(data) == 16 << 20 and data[510:512] == b"\x55\xaa" and data[446 + 4] == 0x83
+    assert int.from_bytes(data[446 + 8:446 + 12], "little") == 2048

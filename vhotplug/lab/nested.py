@@ -64,7 +64,7 @@ BOOT_FILES: dict[str, tuple[str, int]] = {
 #: Loaded by /init before switch_root: L1's udev has no rules that load modules, so nothing would later.
 MODULES: tuple[str, ...] = (
     "virtio_pci", "virtio_net", "9pnet_virtio", "9p", "overlay",
-    "vfio_pci", "vfio_iommu_type1", "e1000", "xhci_pci", "usbhid", "hid_generic",
+    "vfio_pci", "vfio_iommu_type1", "e1000", "xhci_pci", "usbhid", "hid_generic", "ahci", "sd_mod",
 )
 #: Without these L1 has no root, no network, or nothing to pass through with.
 REQUIRED_MODULES: tuple[str, ...] = (
@@ -166,11 +166,12 @@ class _DomainFiles:
     known_hosts: Path
     wrapper: Path
     serial_log: Path
+    sata_disk: Path
 
 
 def _domain_files(name: str) -> _DomainFiles:
     ddir = manager.domain_dir(name)
-    return _DomainFiles(ddir / "known_hosts", ddir / WRAPPER_NAME, ddir / "serial.log")
+    return _DomainFiles(ddir / "known_hosts", ddir / WRAPPER_NAME, ddir / "serial.log", ddir / "sata.img")
 
 
 def l1_uri(port: int, *, key: Path, known_hosts: Path, wrapper: Path) -> str:
@@ -445,6 +446,7 @@ def l1_xml(name: str, port: int, *, image: L1Image | None = None, memory_mib: in
     devices.find("interface/mac").set("address", give_mac(name))
     devices.xpath("filesystem[target/@dir=$tag]/source", tag=LAB_TAG)[0].set("dir", lab_dir)
     devices.find("serial/source").set("path", str(files.serial_log))
+    devices.find("disk/source").set("file", safe_path(files.sata_disk, "SATA disk image"))
 
     meta = metadata_element(target)
     lab = etree.SubElement(meta, f"{{{METADATA_NS}}}lab")
@@ -584,6 +586,25 @@ def up_l1(conn: libvirt.virConnect, name: str, *, timeout: float = 180.0) -> L1:
     return _boot(conn, name, image, timeout)
 
 
+#: The disk on L1's spare SATA controller: 16 MiB, one Linux partition from sector 2048 (an MBR).
+SATA_DISK_BYTES = 16 << 20
+
+
+def write_sata_disk(path: Path) -> None:
+    """A fresh, sparse disk image with an MBR and one partition, so the guest that gets the controller
+    has something to list (the seed's ``fdisk -l``). Fresh on every boot: it holds no data."""
+    sectors = SATA_DISK_BYTES // 512
+    entry = bytes([0x00, 0, 0, 0, 0x83, 0, 0, 0]) + (2048).to_bytes(4, "little") + (sectors - 2048).to_bytes(
+        4, "little")
+    mbr = bytearray(512)
+    mbr[446:462] = entry
+    mbr[510:512] = b"\x55\xaa"
+    with path.open("wb") as f:
+        f.write(mbr)
+        f.truncate(SATA_DISK_BYTES)
+    os.chmod(path, 0o644)
+
+
 def _boot(conn: libvirt.virConnect, name: str, image: L1Image, timeout: float) -> L1:
     files = _domain_files(name)
     files.known_hosts.parent.mkdir(parents=True, exist_ok=True)
@@ -592,6 +613,7 @@ def _boot(conn: libvirt.virConnect, name: str, image: L1Image, timeout: float) -
     lab_image._atomic_write(files.known_hosts, f"[{target.host}]:{target.port} {image.host_key_pub}\n".encode())
     write_ssh_wrapper(files.wrapper, key=image.client_key, known_hosts=files.known_hosts)
     files.serial_log.unlink(missing_ok=True)
+    write_sata_disk(files.sata_disk)
     xml = l1_xml(name, target.port, image=image)
     uri = l1_uri(target.port, key=image.client_key, known_hosts=files.known_hosts, wrapper=files.wrapper)
     try:
