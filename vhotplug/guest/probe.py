@@ -33,7 +33,7 @@ serial_of() {
   d=$(readlink -f "$1"); s=
   while [ -n "$d" ] && [ "$d" != /sys/devices ]; do
     if [ -f "$d/serial" ]; then s=$(r "$d/serial"); break; fi
-    if [ -f "$d/vpd_pg80" ]; then s=$(tail -c +5 "$d/vpd_pg80" | tr -cd '\040-\176'); break; fi
+    if [ -f "$d/vpd_pg80" ]; then s=$(tail -c +5 "$d/vpd_pg80" | tr -cd '\040-\176'); s=${s%"${s##*[! ]}"}; break; fi
     d=${d%/*}
   done
   [ -n "$s" ] || s=-
@@ -152,6 +152,11 @@ def parse_probe(output: str) -> GuestView:
     return view
 
 
+#: The probe reads a few hundred sysfs files with a fork or two each: ~1 s on the lab guest, but about a
+#: minute in the nested lab's L2 (TCG inside TCG).
+PROBE_TIMEOUT = 180.0
+
+
 def guest_view(session: GuestSession) -> GuestView:
     """Run the probe in the guest and parse what it saw."""
-    return parse_probe(session.run_script(PROBE_SCRIPT, timeout=30).stdout)
+    return parse_probe(session.run_script(PROBE_SCRIPT, timeout=PROBE_TIMEOUT).stdout)
