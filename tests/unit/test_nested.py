@@ -418,3 +418,21 @@ def test_sata_controller_and_disk_to_give_away(tmp_path):
     data = image.read_bytes()
     assert len(data) == 16 << 20 and data[510:512] == b"\x55\xaa" and data[446 + 4] == 0x83
     assert int.from_bytes(data[446 + 8:446 + 12], "little") == 2048
+
+
+def test_lab_ssh_reaches_l2_through_l1_with_both_keys_pinned():
+    import shutil
+    import subprocess
+
+    from vhotplug.cli.lab_cmd import _ssh_options
+    from vhotplug.guest.target import SSHTarget
+
+    l1 = SSHTarget("127.0.0.1", 4000, "root", Path("/lab/l1/id"), Path("/lab/l1/known_hosts"))
+    l2 = SSHTarget("127.0.0.1", 5000, "root", Path("/lab/id"), Path("/lab/l2/known_hosts"), jump=l1)
+    opts = _ssh_options(l2)
+    assert opts[opts.index("-p") + 1] == "5000" and "UserKnownHostsFile=/lab/l2/known_hosts" in opts
+    proxy = next(o for o in opts if o.startswith("ProxyCommand="))
+    assert "-p 4000" in proxy and "UserKnownHostsFile=/lab/l1/known_hosts" in proxy and "-W %h:%p" in proxy
+    if shutil.which("ssh"):  # OpenSSH reads them as meant
+        shown = subprocess.run(["ssh", "-G", *opts, "root@127.0.0.1"], capture_output=True, text=True).stdout
+        assert "proxycommand" in shown and "-W 127.0.0.1:5000" in shown.replace("%h:%p", "127.0.0.1:5000")

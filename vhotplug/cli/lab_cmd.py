@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 from typing import Annotated
 
@@ -11,6 +12,7 @@ import typer
 from vhotplug import errors
 from vhotplug.cli import output
 from vhotplug.cli.state import OutputFormat, state
+from vhotplug.guest.target import SSHTarget
 from vhotplug.lab import DEFAULT_NAME
 from vhotplug.lab.domain import Accel, Machine
 from vhotplug.virt.connection import connection
@@ -139,10 +141,25 @@ def ssh(ctx: typer.Context, name: NameOpt = DEFAULT_NAME) -> None:
     client = shutil.which("ssh")
     if client is None:
         raise errors.VhotplugError("the ssh client is not installed", hint="apt-get install openssh-client")
-    t = lab.target
-    argv = [client, "-i", str(t.key), "-p", str(t.port), "-o", f"UserKnownHostsFile={t.known_hosts}",
-            "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", f"{t.user}@{t.host}", *ctx.args]
+    argv = [client, *_ssh_options(lab.target), f"{lab.target.user}@{lab.target.host}", *ctx.args]
     os.execv(client, argv)
+
+
+def _ssh_options(t: SSHTarget) -> list[str]:
+    """OpenSSH options for a lab target; a jump host (the nested lab's L1) becomes a ProxyCommand with its
+    own key and known_hosts, so both hops are host-key checked."""
+    opts = ["-F", "none", "-p", str(t.port), "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
+            "-o", "BatchMode=yes"]
+    if t.key:
+        opts += ["-i", str(t.key)]
+    if t.known_hosts:
+        opts += ["-o", f"UserKnownHostsFile={t.known_hosts}"]
+    if t.jump is not None:
+        client = shutil.which("ssh") or "ssh"
+        hop = [client, *_ssh_options(t.jump), "-W", "%h:%p", f"{t.jump.user}@{t.jump.host}"]
+        # ssh splits ProxyCommand with a shell: quote each word.
+        opts += ["-o", "ProxyCommand=" + shlex.join(hop).replace("%", "%%").replace("%%h:%%p", "%h:%p")]
+    return opts
 
 
 def _machine(value: str) -> Machine:
