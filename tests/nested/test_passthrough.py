@@ -16,13 +16,12 @@ from dataclasses import dataclass
 
 import libvirt
 import pytest
-from lxml import etree
 
 from tests.nested.conftest import report
 from vhotplug.cli import main
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.guest.target import target_from_metadata
-from vhotplug.host import journal
+from vhotplug.host import journal, nodedev
 from vhotplug.lab import manager
 
 E1000 = "0000:00:05.0"  # L1's e1000, alone in its IOMMU group
@@ -224,15 +223,14 @@ def test_guest_destroyed_mid_attach_leaves_the_device_on_l1(l1, l2, tmp_path):
         deadline = time.monotonic() + 60
         # Bounded poll until the e1000 is on vfio-pci in L1 *and* attached to L2 (the attach then waits in
         # its guest check, which cannot succeed): that is the middle of the operation.
-        while etree.fromstring(dev.XMLDesc(0)).findtext("driver/name") != "vfio-pci" or "ua-gone" not in \
-                dom.XMLDesc(0):
+        while nodedev.current_driver(dev) != "vfio-pci" or "ua-gone" not in dom.XMLDesc(0):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
         dom.destroy()
         _out, err = proc.communicate(timeout=120)
         assert proc.returncode not in (0, 15), err  # failed, and the rollback did not
         assert "is back on the host (on its host driver e1000)" in err
-        assert etree.fromstring(dev.XMLDesc(0)).findtext("driver/name") == "e1000"
+        assert nodedev.current_driver(dev) == "e1000"
     finally:
         if proc.poll() is None:
             proc.kill()  # the vhotplug this test started

@@ -415,3 +415,26 @@ def test_real_host_root_device_refused_even_with_force():
         with pytest.raises(safety.Refused) as info:
             safety.enforce(found, force=True, what=bdf)
         assert info.value.exit_code == errors.ExitCode.UNSUPPORTED
+
+
+def test_driver_read_while_the_link_is_missing_is_read_again():
+    """libvirt fails to describe a function while it moves between drivers; that is transient."""
+    from vhotplug.host import nodedev
+
+    conn = FakeConnection()
+    dev = conn.add_pci(FREE_NIC, driver="vfio-pci")
+    conn.rec.fail_names["nodedev.xml"] = libvirt_error("cannot resolve driver link: No such file or directory")
+    calls = []
+    real_hit = conn.rec.hit
+
+    def hit(name):
+        calls.append(name)
+        if len(calls) == 3:  # the link is back after two failed reads
+            conn.rec.fail_names.clear()
+        real_hit(name)
+
+    conn.rec.hit = hit
+    assert nodedev.current_driver(dev) == "vfio-pci" and len(calls) == 3
+    conn.rec.fail_names["nodedev.xml"] = libvirt_error("gone for good")
+    with pytest.raises(errors.LibvirtFailure, match="gone for good"):
+        nodedev.current_driver(dev)  # bounded: gives up after DRIVER_SETTLE

@@ -10,6 +10,8 @@ the device first (:mod:`vhotplug.host.safety`) and journal the step (:mod:`vhotp
 
 from __future__ import annotations
 
+import time
+
 import libvirt
 
 from vhotplug import errors
@@ -34,13 +36,22 @@ def lookup_pci(conn: libvirt.virConnect, bdf: Bdf) -> tuple[libvirt.virNodeDevic
     return dev, node
 
 
+#: While a function moves between drivers its sysfs ``driver`` link is briefly missing, and libvirt's
+#: XMLDesc then fails ("cannot resolve driver link"): read again, for at most this long.
+DRIVER_SETTLE = 2.0
+
+
 def current_driver(dev: libvirt.virNodeDevice) -> str | None:
     """The driver bound to the node device now (re-read from libvirt), or None."""
-    try:
-        node = parse_nodedev_xml(dev.XMLDesc(0))
-    except libvirt.libvirtError as exc:
-        raise translate(exc, f"reading node device {dev.name()}") from exc
-    return node.driver if node else None
+    deadline = time.monotonic() + DRIVER_SETTLE
+    while True:
+        try:
+            node = parse_nodedev_xml(dev.XMLDesc(0))
+            return node.driver if node else None
+        except libvirt.libvirtError as exc:
+            if time.monotonic() >= deadline or exc.get_error_code() == libvirt.VIR_ERR_NO_NODE_DEVICE:
+                raise translate(exc, f"reading node device {dev.name()}") from exc
+            time.sleep(0.05)  # bounded: the kernel finishes the rebind within milliseconds
 
 
 def on_passthrough_driver(driver: str | None) -> bool:
