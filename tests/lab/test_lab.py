@@ -110,6 +110,7 @@ def test_pc_machine_boots(request, cli, conn):
         assert any(n["mac"] == mgmt_mac(name) for n in guest["net"])
     finally:
         assert cli("-c", URI, "lab", "down", "--name", name).code == 0
+    assert not manager.domain_dir(name).exists()  # its files went with it
     try:
         conn.lookupByName(name)
         raise AssertionError("lab down left the domain defined")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass, replace
@@ -178,7 +179,7 @@ def planned_xml(name: str, *, machine: Machine, accel: Accel, plain: bool = Fals
 
 
 def down(conn: libvirt.virConnect, name: str) -> bool:
-    """Destroy and undefine lab domain ``name``; False if there was none."""
+    """Destroy and undefine lab domain ``name`` and remove its files here; False if there was none."""
     dom = _find(conn, check_name(name))
     if dom is None:
         return False
@@ -191,6 +192,8 @@ def down(conn: libvirt.virConnect, name: str) -> bool:
     except libvirt.libvirtError as exc:
         if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
             raise translate(exc, f"removing lab domain {name}") from exc
+    # Its known_hosts, serial log, ssh wrapper and scratch disks: nothing else uses them once it is gone.
+    shutil.rmtree(domain_dir(name), ignore_errors=True)
     return True
 
 
