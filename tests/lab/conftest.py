@@ -16,6 +16,7 @@ import libvirt
 import pytest
 from lxml import etree
 
+from tests.support import Reporter, remove_stale_labs
 from vhotplug.lab import manager
 from vhotplug.lab.manager import LabDomain
 from vhotplug.virt.connection import connection, open_connection
@@ -37,48 +38,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.lab)
 
 
-_BOOT_LINES: list[str] = []
-
-
-def report(config: pytest.Config, line: str) -> None:
-    """Show ``line`` now (past pytest's capture) and again in the final summary."""
-    _BOOT_LINES.append(line.strip())
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    capman = config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None and capman is not None:
-        with capman.global_and_fixture_disabled():
-            reporter.write_line(line)
+_TIMES = Reporter("lab boot times")
+#: Show a line now (past pytest's capture) and again in the final summary.
+report = _TIMES.report
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if _BOOT_LINES:
-        terminalreporter.section("lab boot times")
-        for line in _BOOT_LINES:
-            terminalreporter.write_line(line)
+    _TIMES.summary(terminalreporter)
 
 
 _TEST_LAB = re.compile(r"^vhl-(?:test|cpu|pc|plain)-(\d+)$")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_test_labs(conn: libvirt.virConnect) -> list[str]:
     """Lab domains left by a test run that was killed (its pytest PID is gone): a reused machine keeps them."""
-    removed = []
-    for lab in manager.list_labs(conn):
-        m = _TEST_LAB.match(lab.name)
-        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
-            manager.down(conn, lab.name)
-            removed.append(lab.name)
-    return removed
+    return remove_stale_labs(conn, _TEST_LAB)
 
 
 @pytest.fixture(scope="session")

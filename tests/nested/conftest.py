@@ -15,13 +15,14 @@ from collections.abc import Iterator
 import libvirt
 import pytest
 
+from tests.support import Reporter, remove_stale_labs
 from vhotplug.lab import manager, nested
 from vhotplug.lab.nested import L1
 from vhotplug.virt.connection import connection, open_connection
 
 URI = os.environ.get("VHOTPLUG_TEST_URI", "qemu:///system")
 _TEST_L1 = re.compile(r"^vhn-l1-(\d+)$")
-_LINES: list[str] = []
+_TIMES = Reporter("nested lab times")
 
 
 _SPAN: list[float] = []  # monotonic times of the first nested test's start and the last one's end
@@ -48,45 +49,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.nested)
 
 
-def report(config: pytest.Config, line: str) -> None:
-    """Show ``line`` now (past pytest's capture) and again in the final summary."""
-    _LINES.append(line.strip())
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    capman = config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None and capman is not None:
-        with capman.global_and_fixture_disabled():
-            reporter.write_line(line)
+#: Show a line now (past pytest's capture) and again in the final summary.
+report = _TIMES.report
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if _LINES:
-        terminalreporter.section("nested lab times")
-        for line in _LINES:
-            terminalreporter.write_line(line)
-        if len(_SPAN) == 2:
-            terminalreporter.write_line(f"the whole nested job (L1 + L2 boot, every scenario, teardown): "
-                                        f"{_SPAN[1] - _SPAN[0]:.0f} s (bound: 15 min)")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    total = []
+    if len(_SPAN) == 2:
+        total.append(f"the whole nested job (L1 + L2 boot, every scenario, teardown): "
+                     f"{_SPAN[1] - _SPAN[0]:.0f} s (bound: 15 min)")
+    _TIMES.summary(terminalreporter, *total)
 
 
 def remove_stale_l1s(conn: libvirt.virConnect) -> list[str]:
     """L1s left by a test run that was killed (its pytest PID is gone); only lab-marked domains are touched."""
-    removed = []
-    for lab in manager.list_labs(conn):
-        m = _TEST_L1.match(lab.name)
-        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
-            manager.down(conn, lab.name)
-            removed.append(lab.name)
-    return removed
+    return remove_stale_labs(conn, _TEST_L1)
 
 
 @pytest.fixture(scope="session")

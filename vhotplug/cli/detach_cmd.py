@@ -10,7 +10,6 @@ import typer
 from lxml import etree
 
 from vhotplug import errors
-from vhotplug.addresses import Bdf
 from vhotplug.cli import output
 from vhotplug.cli.guest_access import open_guest
 from vhotplug.cli.options import (
@@ -32,7 +31,7 @@ from vhotplug.cli.state import OutputFormat, state
 from vhotplug.host import lock
 from vhotplug.ops.detach import detach_device
 from vhotplug.virt.connection import connection, domain_xml, lookup_domain, resolve_affect
-from vhotplug.virt.devices import find_device
+from vhotplug.virt.devices import find_device, source_bdf
 
 
 def detach(
@@ -68,7 +67,7 @@ def detach(
         is_live, is_config = affect.live, affect.config
         element = _hostdev_element(dom, device, live=is_live)
         keys = [lock.domain_key(dom.UUIDString())]
-        if element is not None and (bdf := _source_bdf(element)) is not None:
+        if element is not None and (bdf := source_bdf(element)) is not None:
             keys.append(lock.pci_key(bdf))
         elif keep_detached:
             raise errors.InvalidRequest(f"--keep-detached is for host PCI devices; {device!r} is not one")
@@ -115,10 +114,3 @@ def _hostdev_element(dom: libvirt.virDomain, ref: str, *, live: bool) -> etree._
     except errors.DeviceNotFound:
         return None
     return element if device.kind == "hostdev" else None
-
-
-def _source_bdf(element: etree._Element) -> Bdf | None:
-    addr = element.find("source/address")
-    if element.get("type") != "pci" or addr is None:
-        return None
-    return Bdf(*(int(addr.get(k, "0"), 0) for k in ("domain", "bus", "slot", "function")))

@@ -39,6 +39,7 @@ from vhotplug import errors
 from vhotplug.addresses import Bdf, parse_bdf
 from vhotplug.host.snapshot import read_ipv4
 from vhotplug.host.sysfs import PASSTHROUGH_DRIVERS, Sysfs
+from vhotplug.virt.devices import source_bdf, xml_number
 from vhotplug.virt.errors import translate
 
 HOST_KINDS = ("mount", "swap", "holder", "net", "route")
@@ -524,17 +525,6 @@ class Assignment:
         return self.bus is None or (self.bus, self.device) == (bus, device)
 
 
-def _num(text: str | None) -> int | None:
-    """libvirt's numbers in device XML: hex with 0x, else decimal."""
-    if text is None:
-        return None
-    text = text.strip()
-    try:
-        return int(text, 16) if text.lower().startswith("0x") else int(text, 10)
-    except ValueError:
-        return None
-
-
 def assignments_from_xml(domain: str, xml: str, where: str) -> list[Assignment]:
     """The PCI and USB host devices that one domain XML assigns (``<hostdev>``, ``<interface type='hostdev'>``)."""
     try:
@@ -547,19 +537,17 @@ def assignments_from_xml(domain: str, xml: str, where: str) -> list[Assignment]:
         parent = src.getparent()
         kind = parent.get("type") if parent.tag == "hostdev" else "pci"
         addr = src.find("address")
-        if kind == "pci" and addr is not None:
-            values = [_num(addr.get(k)) for k in ("domain", "bus", "slot", "function")]
-            if None not in values[1:]:
-                dom, bus, slot, fn = (v or 0 for v in values)
-                found.append(Assignment(domain, where, "pci", bdf=Bdf(dom, bus, slot, fn)))
+        if kind == "pci":
+            if (bdf := source_bdf(parent)) is not None:
+                found.append(Assignment(domain, where, "pci", bdf=bdf))
         elif kind == "usb":
             vendor, product = src.find("vendor"), src.find("product")
             found.append(Assignment(
                 domain, where, "usb",
-                vendor=_num(vendor.get("id")) if vendor is not None else None,
-                product=_num(product.get("id")) if product is not None else None,
-                bus=_num(addr.get("bus")) if addr is not None else None,
-                device=_num(addr.get("device")) if addr is not None else None,
+                vendor=xml_number(vendor.get("id")) if vendor is not None else None,
+                product=xml_number(product.get("id")) if product is not None else None,
+                bus=xml_number(addr.get("bus")) if addr is not None else None,
+                device=xml_number(addr.get("device")) if addr is not None else None,
             ))
     return found
 

@@ -72,9 +72,9 @@ def detach_live(conn: libvirt.virConnect, dom: libvirt.virDomain, alias: str, *,
         # An earlier request may have completed before this waiter existed: libvirt
         # drops the device from the live XML before it emits the event, so a check
         # made after registering cannot miss it.
-        outcome = "removed" if was_pending and not _still_attached(dom, alias) else waiter.wait(timeout)
+        outcome = "removed" if was_pending and not is_attached(dom, alias) else waiter.wait(timeout)
     elapsed = time.monotonic() - start
-    still_there = _still_attached(dom, alias)
+    still_there = is_attached(dom, alias)
     if outcome == "failed" and still_there:
         pending.clear(uuid, alias)
         raise errors.LibvirtFailure(f"the guest refused to release {alias} (DEVICE_REMOVAL_FAILED): "
@@ -108,9 +108,10 @@ def _completed_earlier(dom: libvirt.virDomain, ref: str) -> str | None:
     return None
 
 
-def _still_attached(dom: libvirt.virDomain, alias: str) -> bool:
+def is_attached(dom: libvirt.virDomain, alias: str, *, inactive: bool = False) -> bool:
+    """True when device ``alias`` is in the live XML (or, ``inactive``, the persistent definition)."""
     try:
-        find_device(dom.XMLDesc(0), alias)
+        find_device(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0), alias)
     except errors.DeviceNotFound:
         return False
     except libvirt.libvirtError as exc:

@@ -39,9 +39,9 @@ from vhotplug.host.inventory import NodeDev, parse_nodedev_xml
 from vhotplug.host.sysfs import Sysfs
 from vhotplug.host.usage import GroupMember, domain_assignments
 from vhotplug.ops.attach import ROLLBACK_TIMEOUT, AttachOutcome, attach_device
-from vhotplug.ops.detach import DetachOutcome, detach_device, detach_live
+from vhotplug.ops.detach import DetachOutcome, detach_device, detach_live, is_attached
 from vhotplug.virt.connection import domain_xml
-from vhotplug.virt.devices import find_device, used_names
+from vhotplug.virt.devices import source_bdf, used_names
 from vhotplug.virt.errors import translate
 from vhotplug.virt.slots import check_pci_room, place_on_q35
 
@@ -210,14 +210,6 @@ def _where_now(plan: HostdevPlan) -> str:
     return f"on its host driver {plan.host_driver}" if plan.host_driver else "bound to no driver, as before"
 
 
-def _alias_in(dom: libvirt.virDomain, alias: str, *, inactive: bool) -> bool:
-    try:
-        find_device(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0), alias)
-    except errors.DeviceNotFound:
-        return False
-    return True
-
-
 @contextlib.contextmanager
 def _shielded() -> Iterator[None]:
     """Ctrl-C while undoing would leave exactly the half-done state the undo removes: hold it off."""
@@ -258,9 +250,9 @@ def _undo_attach(conn: libvirt.virConnect, dom: libvirt.virDomain, plan: Hostdev
 def _take_from_guest(conn: libvirt.virConnect, dom: libvirt.virDomain, alias: str, *, flags: int,
                      timeout: float) -> list[str]:
     try:
-        if dom.isActive() and _alias_in(dom, alias, inactive=False):
+        if dom.isActive() and is_attached(dom, alias, inactive=False):
             detach_live(conn, dom, alias, timeout=timeout)
-        if flags & libvirt.VIR_DOMAIN_AFFECT_CONFIG and dom.isPersistent() and _alias_in(dom, alias, inactive=True):
+        if flags & libvirt.VIR_DOMAIN_AFFECT_CONFIG and dom.isPersistent() and is_attached(dom, alias, inactive=True):
             dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
     except libvirt.libvirtError as exc:
         return [f"detaching {alias} from {dom.name()}: {translate(exc)}"]
@@ -298,10 +290,7 @@ def hostdev_facts(conn: libvirt.virConnect, element: etree._Element) -> tuple[st
                                                                                libvirt.virNodeDevice | None]:
     """(kind, host node device facts, node device) of a ``<hostdev>`` element in a domain's XML."""
     kind = element.get("type", "")
-    src = element.find("source")
-    addr = src.find("address") if src is not None else None
-    if kind == "pci" and addr is not None:
-        bdf = Bdf(*(int(addr.get(k, "0"), 0) for k in ("domain", "bus", "slot", "function")))
+    if (bdf := source_bdf(element)) is not None:
         try:
             dev, node = nodedev.lookup_pci(conn, bdf)
         except errors.DeviceNotFound:
@@ -379,12 +368,12 @@ def recover_entry(conn: libvirt.virConnect, entry: journal.Entry, *, timeout: fl
     """
     actions: list[str] = []
     dom = _domain(conn, entry.domain_uuid)
-    if dom is not None and dom.isActive() and _alias_in(dom, entry.alias, inactive=False) and (
+    if dom is not None and dom.isActive() and is_attached(dom, entry.alias, inactive=False) and (
             entry.op == "attach" or journal.GUEST_DETACH in entry.steps):
             detach_live(conn, dom, entry.alias, timeout=timeout)
             actions.append(f"detached {entry.alias} from {entry.domain}")
     if (dom is not None and entry.op == "attach" and entry.flags & libvirt.VIR_DOMAIN_AFFECT_CONFIG
-            and dom.isPersistent() and _alias_in(dom, entry.alias, inactive=True)):
+            and dom.isPersistent() and is_attached(dom, entry.alias, inactive=True)):
         dom.detachDeviceAlias(entry.alias, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
         actions.append(f"removed {entry.alias} from the definition of {entry.domain}")
     wants_host_back = (journal.HOST_DETACH in entry.steps if entry.op == "attach"

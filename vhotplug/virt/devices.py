@@ -13,6 +13,7 @@ from typing import Any
 from lxml import etree
 
 from vhotplug import errors
+from vhotplug.addresses import Bdf
 
 # Device elements libvirt can attach/detach on a running QEMU domain. Controllers
 # and the balloon are infrastructure, not payload, and are left out.
@@ -75,6 +76,30 @@ def _source(el: etree._Element) -> str:
     if src.get("pool"):
         return f"{src.get('pool')}/{src.get('volume', '')}"
     return "-"
+
+
+def xml_number(text: str | None) -> int | None:
+    """libvirt's numbers in device XML: hex with 0x, else decimal; None when absent or not a number."""
+    if text is None:
+        return None
+    text = text.strip()
+    try:
+        return int(text, 16) if text.lower().startswith("0x") else int(text, 10)
+    except ValueError:
+        return None
+
+
+def source_bdf(el: etree._Element) -> Bdf | None:
+    """The host PCI address a ``<hostdev type='pci'>`` (or ``<interface type='hostdev'>``) takes, or None."""
+    if el.tag == "hostdev" and el.get("type") != "pci":
+        return None
+    addr = el.find("source/address")
+    if addr is None:
+        return None
+    dom, bus, slot, fn = (xml_number(addr.get(k)) for k in ("domain", "bus", "slot", "function"))
+    if bus is None or slot is None or fn is None:
+        return None
+    return Bdf(dom or 0, bus, slot, fn)
 
 
 def _hostdev(el: etree._Element) -> tuple[str, str, str]:
