@@ -181,26 +181,35 @@ class FakeDomain:
         return False
 
     def detachDeviceAlias(self, alias: str, flags: int) -> None:
+        if self.conn.driver == "Xen":
+            raise libvirt_error("this function is not supported by the connection driver: "
+                                "virDomainDetachDeviceAlias", libvirt.VIR_ERR_NO_SUPPORT)
+        self._detach(alias, flags)
+
+    def _detach(self, alias: str, flags: int) -> None:
         self.rec.hit("domain.detach")
         if flags & libvirt.VIR_DOMAIN_AFFECT_LIVE:
             if not self.live.xpath("devices/*[alias/@name=$a]", a=alias):
                 raise libvirt_error(f"no device with alias {alias}", libvirt.VIR_ERR_DEVICE_MISSING)
             if not self.hold_unplug:
                 self._remove(self.live, alias)
-                self.conn.emit_removed(self, alias)
+                if self.conn.driver != "Xen":
+                    self.conn.emit_removed(self, alias)
         if flags & libvirt.VIR_DOMAIN_AFFECT_CONFIG:
             self._remove(self.config, alias)
         self.rec.hit("domain.detach:done")
 
     def detachDeviceFlags(self, xml: str, flags: int) -> None:
         alias = etree.fromstring(xml.encode()).find("alias")
-        self.detachDeviceAlias(alias.get("name") if alias is not None else "", flags)
+        self._detach(alias.get("name") if alias is not None else "", flags)
 
 
 class FakeConnection:
-    def __init__(self, rec: Recorder | None = None, *, uri: str = "fake:///system") -> None:
+    def __init__(self, rec: Recorder | None = None, *, uri: str = "fake:///system", driver: str = "QEMU") -> None:
         self.rec = rec or Recorder()
         self.uri = uri
+        # "Xen" behaves like libvirt's libxl driver: no detach by alias, no DEVICE_REMOVED (synchronous detach).
+        self.driver = driver
         self.nodedevs: dict[str, FakeNodeDevice | FakeUsbDevice] = {}
         self.domains: list[FakeDomain] = []
         self._callbacks: dict[int, tuple[FakeDomain, int, Callable[..., None], object]] = {}
@@ -230,6 +239,9 @@ class FakeConnection:
     # -- the libvirt API used by vhotplug
     def getURI(self) -> str:
         return self.uri
+
+    def getType(self) -> str:
+        return self.driver
 
     def close(self) -> int:
         return 0

@@ -24,6 +24,7 @@ from vhotplug.devices.disk import (
     next_free_target,
     remove_created_image,
 )
+from vhotplug.virt.flavor import QEMU, XEN
 
 # Never created by the tests that only build specs: the path must not exist for --size.
 NOWHERE = Path("/nonexistent/vhotplug-images/lab")
@@ -320,7 +321,8 @@ def test_remove_leaves_what_it_did_not_create(tmp_path: Path) -> None:
 
 # Every bus once, plus qcow2 + read-only and a block device: a new bus without a golden file fails here.
 CASES: dict[str, DiskSpec] = {
-    **{bus: new(bus=bus, id="data", target="vdb" if bus == "virtio" else "sdb") for bus in DISK_BUSES},
+    **{bus: new(bus=bus, id="data", target={"virtio": "vdb", "xen": "xvdb"}.get(bus, "sdb"),
+                flavor=XEN if bus == "xen" else QEMU) for bus in DISK_BUSES},
     "virtio-qcow2-readonly": DiskSpec(path=Path("/srv/images/base.qcow2"), bus="virtio", target="vdc", readonly=True,
                                       alias="ua-base", serial="vh-base", fmt="qcow2", create_bytes=None),
     "scsi-block": DiskSpec(path=Path("/dev/disk/by-id/wwn-0x5000c500a1b2c3d4"), bus="scsi", target="sdc",
@@ -348,10 +350,11 @@ def test_libvirt_accepts_disk_xml(case: str) -> None:
     spec = CASES[case]
     back = libvirt_round_trip(disk_xml(spec), name=f"vhunit-disk-{case}")
     assert (back.get("type"), back.get("device")) == (spec.source_type, "disk")
-    assert back.find("driver").get("type") == spec.fmt
+    assert back.find("driver").get("name") == spec.driver
+    assert back.find("driver").get("type") == (spec.fmt if spec.driver == "qemu" else None)  # phy: no format
     assert back.find("source").get("file" if spec.source_type == "file" else "dev") == str(spec.path)
     assert (back.find("target").get("dev"), back.find("target").get("bus")) == (spec.target, spec.bus)
-    assert back.find("serial").text == spec.serial
+    assert back.findtext("serial") == (spec.serial if spec.guest_serial else None)
     assert (back.find("readonly") is not None) == spec.readonly
 
 

@@ -31,7 +31,7 @@ from vhotplug.cli.options import (
 )
 from vhotplug.cli.state import OutputFormat, state
 from vhotplug.devices.disk import DiskSpec, create_image, disk_spec, disk_xml, remove_created_image
-from vhotplug.devices.nic import NIC_MODELS, nic_spec, nic_xml
+from vhotplug.devices.nic import nic_spec, nic_xml
 from vhotplug.guest.ping import ping_through
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.guest.watch import Identity
@@ -39,6 +39,7 @@ from vhotplug.host import lock
 from vhotplug.ops.attach import AttachOutcome, attach_device
 from vhotplug.virt.connection import connection, domain_xml, is_running, lookup_domain, resolve_affect
 from vhotplug.virt.devices import used_names
+from vhotplug.virt.flavor import QEMU, XEN, flavor_of
 from vhotplug.virt.slots import CONVENTIONAL_MODELS, check_pci_room
 
 app = typer.Typer(no_args_is_help=True, help="Hot-plug a device into a domain and verify it in the guest.")
@@ -53,11 +54,14 @@ def image_dir(domain: str) -> Path:
 def nic(
     ctx: typer.Context,
     domain: DomainArg,
-    model: Annotated[str, typer.Option(help=f"NIC model: {', '.join(NIC_MODELS)}.")] = "virtio",
+    model: Annotated[str | None, typer.Option(
+        help=f"NIC model: {', '.join(QEMU.nic_models)} (default {QEMU.nic_model}); Xen: none (netfront).")] = None,
     network: Annotated[str | None, typer.Option(help="Connect to this libvirt network.")] = None,
-    bridge: Annotated[str | None, typer.Option(help="Connect to this host bridge.")] = None,
-    user: Annotated[bool, typer.Option("--user", help="QEMU user-mode networking (the default).")] = False,
-    mac: Annotated[str | None, typer.Option(help="MAC address (default: a new 52:54:00 one).")] = None,
+    bridge: Annotated[str | None, typer.Option(help="Connect to this host bridge (Xen: e.g. xenbr0).")] = None,
+    user: Annotated[bool, typer.Option("--user", help="QEMU user-mode networking (the default on QEMU; "
+                                       "Xen has none).")] = False,
+    mac: Annotated[str | None, typer.Option(help=f"MAC address (default: a new {QEMU.mac_oui} one; "
+                                            f"Xen: {XEN.mac_oui}).")] = None,
     id: Annotated[str | None, typer.Option("--id", help="Device id; stored as alias ua-ID (default nicN).")] = None,
     ping: Annotated[str | None, typer.Option(metavar="ADDR",
                                              help="After verifying, bring the NIC up and ping ADDR through it.")]
@@ -75,18 +79,19 @@ def nic(
     st = state(ctx)
     with connection(st.uri) as conn, contextlib.ExitStack() as held:
         dom = lookup_domain(conn, domain)
+        flavor = flavor_of(conn)
         held.enter_context(lock.acquire([lock.domain_key(dom.UUIDString())], wait=wait_lock))
         affect = resolve_affect(dom, live=live, config=config, current=current, persistent=persistent)
         flags, is_live = affect.flags, affect.live
         live_xml = domain_xml(dom) if is_running(dom) else ""
         used = used_names(live_xml, domain_xml(dom, inactive=True))
         spec = nic_spec(model=model, network=network, bridge=bridge, user=user, mac=mac, id=id,
-                        used_aliases=used.aliases, used_macs=used.macs)
+                        used_aliases=used.aliases, used_macs=used.macs, flavor=flavor)
         element = nic_xml(spec)
         if print_xml:
             typer.echo(templates.tostring(element), nl=False)
             return
-        if is_live:
+        if is_live and spec.model is not None:  # a model takes a PCI slot (Xen's netfront has none)
             check_pci_room(live_xml, conventional=spec.model in CONVENTIONAL_MODELS, what=f"a {spec.model} NIC")
         session = open_guest(dom, verify=verify, live=is_live, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
                              accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump)
@@ -109,9 +114,10 @@ def disk(
     path: Annotated[Path | None, typer.Argument(help="Existing image file or block device.")] = None,
     size: Annotated[str | None, typer.Option(help="Create a new sparse raw image of this size (512M, 1G, ...).")]
     = None,
-    bus: Annotated[str, typer.Option(help="virtio, scsi, usb (USB storage) or sata (not hot-pluggable).")]
-    = "virtio",
-    target: Annotated[str | None, typer.Option(help="Target name (vdb, sdb); default: the first free one.")] = None,
+    bus: Annotated[str | None, typer.Option(
+        help="virtio (the default), scsi, usb (USB storage) or sata (not hot-pluggable); Xen: xen only.")] = None,
+    target: Annotated[str | None, typer.Option(help="Target name (vdb, sdb, xvdb); default: the first free one.")]
+    = None,
     readonly: Annotated[bool, typer.Option("--readonly", help="Attach read-only.")] = False,
     id: Annotated[str | None, typer.Option("--id", help="Device id; alias ua-ID, serial vh-ID.")] = None,
     live: LiveOpt = False, config: ConfigOpt = False, current: CurrentOpt = False, persistent: PersistentOpt = False,
@@ -119,22 +125,30 @@ def disk(
     ssh: SSHOpt = None, ssh_key: SSHKeyOpt = None, known_hosts: KnownHostsOpt = None,
     accept_new_host_key: AcceptNewOpt = False, ssh_jump: SSHJumpOpt = None, wait_lock: WaitLockOpt = False,
 ) -> None:
-    """Hot-plug a disk (virtio, SCSI, or USB storage with --bus usb), then find it in the guest by its serial."""
+    """Hot-plug a disk (virtio, SCSI, or USB storage with --bus usb), then find it in the guest by its serial.
+
+    On Xen the disk is a raw image or block device on the Xen host, given to the guest by blkback
+    (driver phy, bus xen) and found in the guest by its name (xvdb, ...).
+    """
+    from vhotplug.host.inventory import is_remote_uri
+
     st = state(ctx)
     with connection(st.uri) as conn, contextlib.ExitStack() as held:
         dom = lookup_domain(conn, domain)
+        flavor = flavor_of(conn)
         held.enter_context(lock.acquire([lock.domain_key(dom.UUIDString())], wait=wait_lock))
         affect = resolve_affect(dom, live=live, config=config, current=current, persistent=persistent)
         flags, is_live = affect.flags, affect.live
         live_xml = domain_xml(dom) if is_running(dom) else ""
         used = used_names(live_xml, domain_xml(dom, inactive=True))
         spec = disk_spec(path=path, size=size, bus=bus, target=target, readonly=readonly, id=id,
-                         used_aliases=used.aliases, used_targets=used.targets, image_dir=image_dir(dom.name()))
+                         used_aliases=used.aliases, used_targets=used.targets, image_dir=image_dir(dom.name()),
+                         flavor=flavor, local=not is_remote_uri(conn.getURI()))
         element = disk_xml(spec)
         if print_xml:
             typer.echo(templates.tostring(element), nl=False)
             return
-        if is_live:
+        if is_live and flavor.name == "qemu":
             _check_disk_room(live_xml, spec)
         session = open_guest(dom, verify=verify, live=is_live, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
                              accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump)
@@ -142,8 +156,9 @@ def disk(
             create_image(spec)
         try:
             with session or contextlib.nullcontext():
-                outcome = attach_device(conn, dom, element, flags=flags, identity=Identity("disk", spec.serial),
-                                        session=session, timeout=timeout)
+                identity = Identity("disk", spec.serial) if spec.guest_serial else Identity("blockdev", spec.target)
+                outcome = attach_device(conn, dom, element, flags=flags, identity=identity, session=session,
+                                        timeout=timeout)
         except BaseException:
             if spec.create_bytes:
                 remove_created_image(spec)
@@ -184,7 +199,7 @@ def _report(fmt: OutputFormat, *, dom_name: str, outcome: AttachOutcome, doc: di
     if fmt is OutputFormat.json:
         output.json_out({"domain": dom_name, "attached": doc})
         return
-    where = f" at {outcome.address}" if outcome.address != "-" else " (persistent definition)"
+    where = f" at {outcome.address}" if outcome.address != "-" else "" if outcome.live else " (persistent definition)"
     typer.echo(f"attached {outcome.kind} {outcome.alias} ({outcome.identity}) to {dom_name}{where} "
                f"in {outcome.libvirt_seconds * 1000:.0f} ms")
     if outcome.guest is not None:

@@ -177,7 +177,7 @@ def _report(fmt: OutputFormat, dom_name: str, outcome: PassthroughOutcome, doc: 
         host = f"; taken from its host driver {plan.host_driver}"
     elif plan.kind == "pci" and plan.managed:
         host = "; libvirt manages its host driver"
-    where = f" at {att.address}" if att.address != "-" else " (persistent definition)"
+    where = f" at {att.address}" if att.address != "-" else "" if att.live else " (persistent definition)"
     typer.echo(f"attached {plan.label} as {att.alias} to {dom_name}{where} in {att.libvirt_seconds * 1000:.0f} ms"
                f"{host}")
     for refusal in plan.refusals_overridden:

@@ -31,6 +31,7 @@ from vhotplug.host import lock
 from vhotplug.units import format_size, parse_size
 from vhotplug.virt.connection import connection, domain_xml, is_running, lookup_domain, resolve_affect
 from vhotplug.virt.devices import used_names
+from vhotplug.virt.flavor import flavor_of
 
 app = typer.Typer(no_args_is_help=True, help="Hot-add/remove memory DIMMs (onlined in the guest) and balloon.")
 
@@ -59,6 +60,11 @@ def add(
     st = state(ctx)
     with connection(st.uri) as conn, contextlib.ExitStack() as held:
         dom = lookup_domain(conn, domain)
+        flavor = flavor_of(conn)
+        if not flavor.dimm:
+            raise flavor.unsupported("hot-plug memory devices (DIMMs): libxl has none",
+                                     hint=f"give the guest memory with the balloon, up to its maximum: "
+                                     f"`vhotplug memory balloon {dom.name()} SIZE`")
         held.enter_context(lock.acquire([lock.domain_key(dom.UUIDString())], wait=wait_lock))
         affect = resolve_affect(dom, live=live, config=config, current=current, persistent=persistent)
         flags, is_live = affect.flags, affect.live

@@ -22,8 +22,9 @@ from lxml import etree
 
 from vhotplug import errors, templates, units
 from vhotplug.devices.common import choose_id, set_alias, user_alias
+from vhotplug.virt.flavor import QEMU, Flavor
 
-DiskBus = Literal["virtio", "scsi", "usb", "sata"]
+DiskBus = Literal["virtio", "scsi", "usb", "sata", "xen"]
 DiskFormat = Literal["raw", "qcow2"]
 SourceType = Literal["file", "block"]
 DISK_BUSES: tuple[str, ...] = get_args(DiskBus)
@@ -50,11 +51,13 @@ class DiskSpec:
     fmt: DiskFormat
     create_bytes: int | None  # set: create a sparse raw image of this size at path
     source_type: SourceType = "file"
+    driver: str = "qemu"  # <driver name=...>: qemu, or phy for Xen's blkback
+    guest_serial: bool = True  # the guest can read the serial (Xen: it finds the disk by its name)
 
 
 def target_prefix(bus: str) -> str:
-    """``vd`` for virtio disks, ``sd`` for the buses the guest sees as SCSI disks."""
-    return "vd" if bus == "virtio" else "sd"
+    """``vd`` for virtio disks, ``xvd`` for Xen's, ``sd`` for the buses the guest sees as SCSI disks."""
+    return {"virtio": "vd", "xen": "xvd"}.get(bus, "sd")
 
 
 def _letters(index: int) -> str:
@@ -86,7 +89,7 @@ def _check_target(target: str | None, bus: str, used_targets: set[str]) -> str:
     if not re.fullmatch(prefix + "[a-z]+", target):
         raise errors.InvalidRequest(
             f"invalid target {target!r} for a {bus} disk",
-            hint=f"{bus} disks are named {prefix}a, {prefix}b, ... (virtio: vd*, scsi/usb/sata: sd*); "
+            hint=f"{bus} disks are named {prefix}a, {prefix}b, ... (virtio: vd*, xen: xvd*, scsi/usb/sata: sd*); "
             "or leave --target out",
         )
     if target in used_targets:
@@ -143,22 +146,32 @@ def disk_spec(
     *,
     path: Path | None,
     size: str | None,
-    bus: str = "virtio",
+    bus: str | None = None,
     target: str | None = None,
     readonly: bool = False,
     id: str | None = None,  # shadows the builtin on purpose: the user calls it --id
     used_aliases: Iterable[str] = (),
     used_targets: Iterable[str] = (),
     image_dir: Path,
+    flavor: Flavor = QEMU,
+    local: bool = True,
 ) -> DiskSpec:
     """Validate a disk request against the domain's current devices and decide every value.
 
     Exactly one of ``path`` (an existing image or block device) and ``size``
     (a new sparse raw image ``image_dir/<id>.img``, created later by
     :func:`create_image`) must be given. Nothing on disk is changed here.
+
+    ``flavor`` (the hypervisor driver) decides the buses, driver and formats. ``local``: the
+    hypervisor runs on this machine; when not, an image there cannot be looked at (nor created) here.
     """
-    if bus not in DISK_BUSES:
-        raise errors.InvalidRequest(f"unknown disk bus {bus!r}", hint=f"choose one of {', '.join(DISK_BUSES)}")
+    bus = flavor.disk_bus if bus is None else bus
+    if bus not in flavor.disk_buses:
+        if bus in DISK_BUSES:
+            raise flavor.unsupported(f"attach a disk on the {bus} bus",
+                                     hint=f"use --bus {' or '.join(flavor.disk_buses)} (the default)")
+        raise errors.InvalidRequest(f"unknown disk bus {bus!r}",
+                                    hint=f"choose one of {', '.join(flavor.disk_buses)}")
     if path is None and size is None:
         raise errors.InvalidRequest("a disk needs --path (an existing image) or --size (a new image)",
                                     hint="--path attaches an image you have; --size 1G creates a new sparse raw image")
@@ -176,6 +189,10 @@ def disk_spec(
     dev = _check_target(target, bus, set(used_targets))
 
     create_bytes: int | None = None
+    if size is not None and not local:
+        raise errors.InvalidRequest(
+            "--size creates the image on this machine, and the hypervisor is another host",
+            hint="create the image there and give its path (e.g. `truncate -s 64M /var/lib/xen/data.img`)")
     if size is not None:
         create_bytes = _new_image_bytes(size)
         source = Path(os.path.abspath(image_dir.expanduser())) / f"{device_id}.img"
@@ -184,13 +201,30 @@ def disk_spec(
                                         hint="choose another --id, remove the file, or attach it with --path")
         source_type: SourceType = "file"
         fmt: DiskFormat = "raw"
-    else:
+    elif local:
         assert path is not None
         source, source_type = _existing_source(path)
         fmt = detect_format(source)
+    else:  # on the hypervisor's host: libvirt says whether it exists; only its form is checked here
+        assert path is not None
+        source = _remote_source(path)
+        source_type = "block" if str(source).startswith("/dev/") else "file"
+        fmt = "raw"
+    if fmt not in flavor.disk_formats:
+        raise flavor.unsupported(f"attach a {fmt} image ({source})",
+                                 hint=f"convert it to raw first: qemu-img convert -O raw {source} IMAGE.raw")
     return DiskSpec(path=source, bus=cast(DiskBus, bus), target=dev, readonly=readonly,
                     alias=user_alias(device_id), serial=serial, fmt=fmt, create_bytes=create_bytes,
-                    source_type=source_type)
+                    source_type=source_type, driver=flavor.disk_driver, guest_serial=flavor.disk_serial)
+
+
+def _remote_source(path: Path) -> Path:
+    """A path on the hypervisor's host: absolute, one line, normalised (it cannot be looked at from here)."""
+    text = str(path)
+    if not text.startswith("/") or any(c in text for c in "\n\r\0"):
+        raise errors.InvalidRequest(f"invalid disk path {text!r}: the hypervisor is another host, so give the "
+                                    "absolute path there", hint="e.g. /var/lib/xen/data.img")
+    return Path(os.path.normpath(text))
 
 
 def _make_dirs(path: Path) -> None:
@@ -252,13 +286,19 @@ def disk_xml(spec: DiskSpec) -> etree._Element:
     """The ``<disk>`` element for ``spec``, from ``xml_templates/disk.xml``."""
     root = templates.load("disk")
     root.set("type", spec.source_type)
-    root.find("driver").set("type", spec.fmt)
+    driver = root.find("driver")
+    driver.set("name", spec.driver)
+    if spec.driver == "qemu":  # blkback (phy) takes no format: the image is raw
+        driver.set("type", spec.fmt)
     root.find("source").set("file" if spec.source_type == "file" else "dev", str(spec.path))
     target = root.find("target")
     target.set("dev", spec.target)
     target.set("bus", spec.bus)
     if not spec.readonly:
         root.remove(root.find("readonly"))
-    root.find("serial").text = spec.serial
+    if spec.guest_serial:
+        root.find("serial").text = spec.serial
+    else:  # Xen: nothing carries it to the guest
+        root.remove(root.find("serial"))
     set_alias(root, spec.alias)
     return root

@@ -17,6 +17,7 @@ from lxml import etree
 
 from vhotplug import errors, templates
 from vhotplug.devices.common import choose_id, set_alias, user_alias
+from vhotplug.virt.flavor import QEMU, Flavor
 
 NicModel = Literal["virtio", "e1000", "e1000e", "rtl8139"]
 SourceType = Literal["user", "network", "bridge"]
@@ -34,7 +35,7 @@ _MAC_DRAWS = 1000
 
 @dataclass(frozen=True)
 class NicSpec:
-    model: NicModel
+    model: NicModel | None  # None: no <model> (Xen's netfront, its only one)
     source_type: SourceType
     source: str | None  # network or bridge name; None for user networking
     mac: str  # lower case, colon-separated
@@ -58,14 +59,14 @@ def check_mac(mac: str) -> str:
     return mac
 
 
-def generate_mac(used_macs: Iterable[str] = ()) -> str:
-    """A random MAC in QEMU's range (as libvirt generates them), not in ``used_macs``."""
+def generate_mac(used_macs: Iterable[str] = (), oui: str = QEMU_OUI) -> str:
+    """A random MAC in the hypervisor's range (QEMU's by default, as libvirt generates them), not in ``used_macs``."""
     used = {m.lower() for m in used_macs}
     for _ in range(_MAC_DRAWS):
-        mac = QEMU_OUI + "".join(f":{b:02x}" for b in secrets.token_bytes(3))
+        mac = oui + "".join(f":{b:02x}" for b in secrets.token_bytes(3))
         if mac not in used:
             return mac
-    raise errors.VhotplugError(f"could not draw a free MAC address in {QEMU_OUI}:xx:xx:xx after {_MAC_DRAWS} tries",
+    raise errors.VhotplugError(f"could not draw a free MAC address in {oui}:xx:xx:xx after {_MAC_DRAWS} tries",
                                hint="give one with --mac")
 
 
@@ -79,7 +80,8 @@ def _check_source_name(kind: str, name: str) -> str:
     return name
 
 
-def _source(network: str | None, bridge: str | None, user: bool) -> tuple[SourceType, str | None]:
+def _source(network: str | None, bridge: str | None, user: bool,
+            flavor: Flavor = QEMU) -> tuple[SourceType, str | None]:
     given = [flag for flag, on in (("--network", network is not None), ("--bridge", bridge is not None),
                                    ("--user", user)) if on]
     if len(given) > 1:
@@ -89,12 +91,31 @@ def _source(network: str | None, bridge: str | None, user: bool) -> tuple[Source
         return "network", _check_source_name("network", network)
     if bridge is not None:
         return "bridge", _check_source_name("bridge", bridge)
+    if "user" not in flavor.nic_sources:
+        hint = "connect it to a bridge (--bridge BR, e.g. xenbr0) or a libvirt network (--network NAME)"
+        if user:
+            raise flavor.unsupported("give a NIC user-mode networking: there is none", hint=hint)
+        raise errors.InvalidRequest(f"a NIC on {flavor.label} needs a source: there is no user-mode networking",
+                                    hint=hint)
     return "user", None
+
+
+def _model(model: str | None, flavor: Flavor) -> str | None:
+    if not flavor.nic_models:  # the driver has one model and takes no <model>
+        if model not in (None, "netfront"):
+            raise flavor.unsupported(f"emulate the NIC model {model!r}", hint="leave --model out: the guest gets "
+                                     "a paravirtual NIC (netfront)")
+        return None
+    model = flavor.nic_model if model is None else model
+    if model not in flavor.nic_models:
+        raise errors.InvalidRequest(f"unknown NIC model {model!r}",
+                                    hint=f"choose one of {', '.join(flavor.nic_models)}")
+    return model
 
 
 def nic_spec(
     *,
-    model: str = "virtio",
+    model: str | None = None,
     network: str | None = None,
     bridge: str | None = None,
     user: bool = False,
@@ -102,26 +123,27 @@ def nic_spec(
     id: str | None = None,  # shadows the builtin on purpose: the user calls it --id
     used_aliases: Iterable[str] = (),
     used_macs: Iterable[str] = (),
+    flavor: Flavor = QEMU,
 ) -> NicSpec:
     """Validate a NIC request against the domain's current devices and decide every value.
 
     ``used_aliases`` and ``used_macs`` come from the domain's XML; a given id or
-    MAC already there is refused. Without ``mac`` one is drawn at random in
-    QEMU's range; without ``id`` the next free ``nicN`` is taken.
+    MAC already there is refused. Without ``mac`` one is drawn at random in the
+    hypervisor's range; without ``id`` the next free ``nicN`` is taken. ``flavor``
+    (the hypervisor driver) decides which models and sources there are.
     """
-    if model not in NIC_MODELS:
-        raise errors.InvalidRequest(f"unknown NIC model {model!r}", hint=f"choose one of {', '.join(NIC_MODELS)}")
-    source_type, source = _source(network, bridge, user)
+    chosen = _model(model, flavor)
+    source_type, source = _source(network, bridge, user, flavor)
     used_macs = {m.lower() for m in used_macs}
     if mac is None:
-        mac = generate_mac(used_macs)
+        mac = generate_mac(used_macs, flavor.mac_oui)
     else:
         mac = check_mac(mac)
         if mac in used_macs:
             raise errors.InvalidRequest(f"duplicate MAC address {mac}: the domain already has a NIC with it",
                                         hint="give another --mac, or leave it out to get a fresh one")
     device_id = choose_id(id, prefix="nic", used_aliases=used_aliases)
-    return NicSpec(model=cast(NicModel, model), source_type=source_type, source=source, mac=mac,
+    return NicSpec(model=cast(NicModel | None, chosen), source_type=source_type, source=source, mac=mac,
                    alias=user_alias(device_id))
 
 
@@ -137,6 +159,9 @@ def nic_xml(spec: NicSpec) -> etree._Element:
         raise ValueError(f"a {spec.source_type} NIC needs a source name")
     else:
         source.set(spec.source_type, spec.source)
-    root.find("model").set("type", spec.model)
+    if spec.model is None:
+        root.remove(root.find("model"))
+    else:
+        root.find("model").set("type", spec.model)
     set_alias(root, spec.alias)
     return root

@@ -1,4 +1,4 @@
-"""Watch, inside the guest, for a device to show up or go away: by MAC, disk serial, PCI or USB ids.
+"""Watch, inside the guest, for a device to show up or go away: by MAC, disk serial or name, PCI or USB ids.
 
 The caller starts a watch *before* it asks libvirt to act (like registering for an
 event), then acts, then collects the result::
@@ -45,11 +45,13 @@ from typing import Any, Literal
 from vhotplug import errors
 from vhotplug.guest.ssh import GuestSession, ssh_errors
 
-Kind = Literal["nic", "disk", "pci", "usb"]
+Kind = Literal["nic", "disk", "blockdev", "pci", "usb"]
 
 MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 SERIAL_RE = re.compile(r"[A-Za-z0-9_.-]{1,20}")
 IDS_RE = re.compile(r"[0-9a-f]{4}:[0-9a-f]{4}")
+# A disk known by its kernel name (Xen's blkfront names it after the target: xvdb).
+BLOCKDEV_RE = re.compile(r"[a-z]{2,4}[a-z]{1,3}")
 
 #: Longest watch accepted; a guest-side loop should never outlive a test run by accident.
 MAX_TIMEOUT = 3600.0
@@ -228,6 +230,7 @@ while :; do
   case $kind in
     nic) nic_scan ;;
     disk) disk_scan ;;
+    blockdev) name=; cd -P "$R/sys/block/$want" 2>/dev/null && { name=$want; dev=$PWD; } ;;
     *) ids_scan ;;
   esac
   [ -n "$name" ] && last=$name
@@ -273,7 +276,7 @@ while :; do
         echo "found $name $drv $up polls=$polls$extra"
         exit 0
       fi
-      if [ "$kind" = disk ]; then
+      if [ "$kind" = disk ] || [ "$kind" = blockdev ]; then
         drvof "$R/sys/block/$name/device/driver"
         whence "$dev"
         scsi=
@@ -319,6 +322,10 @@ class Identity:
                     f"disk serial {self.value!r} cannot be watched for",
                     hint="a serial of 1 to 20 characters from A-Z a-z 0-9 _ . -",
                 )
+        elif self.kind == "blockdev":
+            if not BLOCKDEV_RE.fullmatch(self.value):
+                raise errors.InvalidRequest(f"not a block device name: {self.value!r}",
+                                            hint="a kernel disk name such as xvdb or vdc")
         elif self.kind in ("pci", "usb"):
             ids = self.value.lower()
             if not IDS_RE.fullmatch(ids):
@@ -328,12 +335,13 @@ class Identity:
             # Sysfs prints the ids in lower case; normalise so the guest-side comparison is exact.
             object.__setattr__(self, "value", ids)
         else:
-            raise errors.InvalidRequest(f"unknown identity kind {self.kind!r} (nic, disk, pci or usb)")
+            raise errors.InvalidRequest(f"unknown identity kind {self.kind!r} (nic, disk, blockdev, pci or usb)")
 
     def describe(self) -> str:
         return {
             "nic": f"NIC with MAC {self.value}",
             "disk": f"disk with serial {self.value}",
+            "blockdev": f"disk {self.value}",
             "pci": f"PCI function {self.value}",
             "usb": f"USB device {self.value}",
         }[self.kind]

@@ -286,6 +286,14 @@ def is_local_uri(uri: str) -> bool:
     return host == "" or (host in ("localhost", "127.0.0.1", "::1") and parts.port is None)
 
 
+def is_remote_uri(uri: str) -> bool:
+    """True when the hypervisor of a libvirt URI runs on another host (or in a VM behind a forward), so
+    files its device XML names live there. The test driver runs in-process: its files are this machine's."""
+    parts = urlsplit(uri)
+    host = parts.hostname or ""
+    return host != "" and not (host in ("localhost", "127.0.0.1", "::1") and parts.port is None)
+
+
 def local_root(conn: libvirt.virConnect) -> Path | None:
     """``/`` when the connection's node devices are this machine's, else None (its sysfs says nothing)."""
     try:

@@ -67,8 +67,19 @@ def detach_from_host(dev: libvirt.virNodeDevice) -> None:
         raise translate(exc, f"taking {dev.name()} from its host driver") from exc
 
 
-def reattach_to_host(dev: libvirt.virNodeDevice) -> None:
-    """Give the function back to its host driver (``virsh nodedev-reattach``)."""
+def reattach_to_host(conn: libvirt.virConnect, dev: libvirt.virNodeDevice) -> None:
+    """Give the function back to its host driver (``virsh nodedev-reattach``).
+
+    On Xen, pciback's own claim on it is cleared first (:mod:`vhotplug.host.pciback`), or the reprobe
+    would hand it to pciback again.
+    """
+    from vhotplug.virt.flavor import flavor_of
+
+    if flavor_of(conn).pci_stub == "pciback":
+        from vhotplug.addresses import parse_bdf
+        from vhotplug.host import pciback
+
+        pciback.release(conn.getURI(), parse_bdf(dev.name()))
     try:
         dev.reAttach()
     except libvirt.libvirtError as exc:

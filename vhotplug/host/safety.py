@@ -61,11 +61,14 @@ def _member(m: GroupMember) -> str:
 
 
 def pci_refusals(node: NodeDev, *, facts_root: Path | None, assignments: list[Assignment],
-                 members: list[GroupMember] | None = None, facts_note: str | None = None) -> list[Refusal]:
+                 members: list[GroupMember] | None = None, facts_note: str | None = None,
+                 iommu_visible: bool = True) -> list[Refusal]:
     """Every reason not to give host PCI function ``node`` to a guest (empty: it may go).
 
     ``facts_root`` is the host's own tree (``/``) when the hypervisor is this machine, else None; then
     ``members`` (the IOMMU group's other functions as libvirt reports them) stand in for sysfs.
+    ``iommu_visible`` False: the hypervisor owns the IOMMU and the host kernel cannot see it (Xen's
+    dom0); then the hypervisor refuses the assignment itself if it has none, and no IOMMU check is made here.
     """
     bdf = node.bdf
     assert bdf is not None
@@ -73,7 +76,7 @@ def pci_refusals(node: NodeDev, *, facts_root: Path | None, assignments: list[As
     sysfs = Sysfs(facts_root) if facts_root is not None else None
     local = sysfs is not None and sysfs.pci_exists(bdf)
     iommu = sysfs.iommu_status().present if sysfs is not None else node.iommu_group is not None
-    if not iommu:
+    if not iommu and iommu_visible:
         found.append(Refusal("iommu", f"the host has no IOMMU, so {bdf} cannot be isolated for a guest "
                              f"(/sys/kernel/iommu_groups is empty)"))
     code = sysfs.pci_class(bdf) if local and sysfs is not None else node.class_code

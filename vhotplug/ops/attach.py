@@ -13,7 +13,7 @@ from lxml import etree
 from vhotplug import errors
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.guest.watch import Identity, Seen, start_watch
-from vhotplug.ops.detach import detach_live
+from vhotplug.ops.detach import detach_live, remove_from_config
 from vhotplug.virt.connection import domain_xml
 from vhotplug.virt.devices import find_device
 from vhotplug.virt.errors import translate
@@ -24,11 +24,12 @@ class AttachOutcome:
     alias: str
     kind: str
     identity: str
-    address: str  # guest address libvirt gave it ("-" for a config-only attach)
+    address: str  # guest address libvirt gave it ("-" for a config-only attach, or none shown: Xen PV)
     libvirt_seconds: float  # the attach call itself
     guest: Seen | None = None
     guest_seen_seconds: float | None = None  # attach call -> the guest showed it (guest clock)
     verified_seconds: float | None = None  # attach call -> vhotplug knew
+    live: bool = True  # the running domain got it (else only its definition)
 
     def to_dict(self) -> dict[str, object]:
         doc: dict[str, object] = {
@@ -76,7 +77,7 @@ def attach_device(conn: libvirt.virConnect, dom: libvirt.virDomain, device: etre
             address = find_device(domain_xml(dom), alias)[0].address
     shown = identity.value if identity else "-"
     if watch is None:
-        return AttachOutcome(alias, device.tag, shown, address, libvirt_seconds)
+        return AttachOutcome(alias, device.tag, shown, address, libvirt_seconds, live=live)
     try:
         seen = watch.result()
     except errors.Timeout as exc:
@@ -89,7 +90,7 @@ def attach_device(conn: libvirt.virConnect, dom: libvirt.virDomain, device: etre
     verified = time.monotonic() - called
     seen_after = watch.started_at + seen.guest_seconds - called
     return AttachOutcome(alias, device.tag, shown, address, libvirt_seconds, seen,
-                         max(0.0, seen_after), verified)
+                         max(0.0, seen_after), verified, live)
 
 
 #: A rollback waits at least this long for the guest to let go: a short --timeout was for seeing the device.
@@ -100,7 +101,7 @@ def _roll_back(conn: libvirt.virConnect, dom: libvirt.virDomain, alias: str, fla
     try:
         detach_live(conn, dom, alias, timeout=max(timeout, ROLLBACK_TIMEOUT))
         if flags & libvirt.VIR_DOMAIN_AFFECT_CONFIG:
-            dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            remove_from_config(conn, dom, alias)
     except (errors.VhotplugError, libvirt.libvirtError) as exc:
         raise errors.VhotplugError(
             f"the guest did not show {alias} and rolling it back failed too: {exc}",

@@ -15,6 +15,10 @@ from vhotplug.virt import pending
 from vhotplug.virt.devices import Device, find_device
 from vhotplug.virt.errors import translate
 from vhotplug.virt.events import DeviceRemovalWaiter
+from vhotplug.virt.flavor import flavor_of
+
+#: How often a synchronous driver's (Xen's) removal is looked for in the live XML.
+SYNC_POLL = 0.1
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,9 @@ def identity_of(device: Device, element: etree._Element) -> Identity | None:
     serial = element.findtext("serial")
     if device.kind == "disk" and serial:
         return Identity("disk", serial)
+    target = element.find("target")
+    if device.kind == "disk" and target is not None and target.get("bus") == "xen":  # no serial: by name
+        return Identity("blockdev", target.get("dev", ""))
     return None
 
 
@@ -55,8 +62,11 @@ def detach_live(conn: libvirt.virConnect, dom: libvirt.virDomain, alias: str, *,
 
     Returns (seconds until removed, whether an earlier request was still pending).
     Raises Timeout when the guest did not release it (it is still attached), and
-    LibvirtFailure on DEVICE_REMOVAL_FAILED.
+    LibvirtFailure on DEVICE_REMOVAL_FAILED. A driver without removal events (Xen) is
+    asked with the device's XML and answers when the call returns.
     """
+    if not flavor_of(conn).removal_event:
+        return _detach_live_sync(dom, alias, timeout=timeout), False
     uuid, dom_id = dom.UUIDString(), dom.ID()
     start = time.monotonic()
     with DeviceRemovalWaiter(conn, dom, alias) as waiter:  # registered before asking
@@ -87,6 +97,38 @@ def detach_live(conn: libvirt.virConnect, dom: libvirt.virDomain, alias: str, *,
         )
     pending.clear(uuid, alias)
     return elapsed, was_pending
+
+
+def _detach_live_sync(dom: libvirt.virDomain, alias: str, *, timeout: float) -> float:
+    """Detach by full XML (no alias API) and confirm in the live XML: libxl removes it within the call."""
+    try:
+        element = find_device(dom.XMLDesc(0), alias)[1]
+    except libvirt.libvirtError as exc:
+        raise translate(exc) from exc
+    start = time.monotonic()
+    try:
+        dom.detachDeviceFlags(etree.tostring(element, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    except libvirt.libvirtError as exc:
+        raise translate(exc, f"detaching {alias}") from exc
+    deadline = start + timeout
+    while is_attached(dom, alias):
+        if time.monotonic() >= deadline:
+            raise errors.Timeout(f"{alias} was still in the live XML {timeout:g} s after the detach call returned",
+                                 hint="`vhotplug detach` again asks once more")
+        time.sleep(SYNC_POLL)  # bounded by the deadline; no event exists to wait on
+    return time.monotonic() - start
+
+
+def remove_from_config(conn: libvirt.virConnect, dom: libvirt.virDomain, alias: str) -> None:
+    """Remove device ``alias`` from the persistent definition (by alias, or by its XML where there is no alias API)."""
+    if flavor_of(conn).detach_by_alias:
+        dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        return
+    try:
+        element = find_device(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), alias)[1]
+    except errors.DeviceNotFound:
+        return  # not there: nothing to remove
+    dom.detachDeviceFlags(etree.tostring(element, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
 
 
 def _find_first(xml: str, refs: list[str]) -> etree._Element:

@@ -39,10 +39,11 @@ from vhotplug.host.inventory import NodeDev, parse_nodedev_xml
 from vhotplug.host.sysfs import Sysfs
 from vhotplug.host.usage import GroupMember, domain_assignments
 from vhotplug.ops.attach import ROLLBACK_TIMEOUT, AttachOutcome, attach_device
-from vhotplug.ops.detach import DetachOutcome, detach_device, detach_live, is_attached
+from vhotplug.ops.detach import DetachOutcome, detach_device, detach_live, is_attached, remove_from_config
 from vhotplug.virt.connection import domain_xml
 from vhotplug.virt.devices import source_bdf, used_names
 from vhotplug.virt.errors import translate
+from vhotplug.virt.flavor import Flavor, flavor_of, xen_guest_kind, xen_passthrough_on
 from vhotplug.virt.slots import check_pci_room, place_on_q35
 
 
@@ -119,20 +120,23 @@ def plan_pci(conn: libvirt.virConnect, dom: libvirt.virDomain, bdf: Bdf, *, mana
     ``check=False`` (for ``--print-xml``, which changes nothing) skips the checks. ``live``: the device
     goes into the running domain, so it needs a free slot now (on q35 vhotplug writes the address).
     """
+    flavor = flavor_of(conn)
+    if flavor.name == "xen":
+        check_xen_pci_guest(dom, flavor, live=live)
     dev, node = nodedev.lookup_pci(conn, bdf)
     label = safety.describe_pci(bdf, node)
     refusals: list[safety.Refusal] = []
     if check:
         refusals = safety.pci_refusals(node, facts_root=facts_root, assignments=domain_assignments(conn),
                                        members=None if facts_root is not None else _group_members(conn, node),
-                                       facts_note=facts_note)
+                                       facts_note=facts_note, iommu_visible=flavor.host_iommu_visible)
         safety.enforce(refusals, force=force, what=label)
     used = used_names(domain_xml(dom), domain_xml(dom, inactive=True))
     spec = pci_hostdev_spec(bdf, vendor=node.vendor_id, product=node.product_id, managed=managed, id=id,
                             used_aliases=used.aliases)
     identity = Identity("pci", spec.ids) if spec.ids else None
     element = pci_hostdev_xml(spec)
-    if live:
+    if live and flavor.name == "qemu":  # Xen picks the guest's (PV: virtual) PCI address itself
         live_xml = domain_xml(dom)
         address = place_on_q35(live_xml, what=label)
         if address is not None:
@@ -144,9 +148,31 @@ def plan_pci(conn: libvirt.virConnect, dom: libvirt.virDomain, bdf: Bdf, *, mana
                        [r for r in refusals if r.forceable])
 
 
+def check_xen_pci_guest(dom: libvirt.virDomain, flavor: Flavor, *, live: bool) -> None:
+    """Refuse (nothing changed) a Xen guest that cannot take a PCI device: PVH, or a running guest
+    started without passthrough (Xen sets up a guest's IOMMU context only at its creation)."""
+    xml = domain_xml(dom)
+    kind = xen_guest_kind(xml)
+    if kind == "pvh":
+        raise flavor.unsupported(f"pass a PCI device through to {dom.name()}: it is a PVH guest, and Xen 4.17 "
+                                 "has no PCI passthrough for PVH",
+                                 hint="use a PV or HVM guest for passthrough")
+    if live and not xen_passthrough_on(xml) and not etree.fromstring(xml.encode()).xpath(
+            "devices/hostdev[@type='pci']"):
+        raise flavor.unsupported(
+            f"hot-plug a PCI device into {dom.name()}: it was started without PCI passthrough "
+            "(<features><xen><passthrough state='on'/>), which Xen sets up only when a guest is created",
+            hint=f"vhotplug prepare {dom.name()} --xen-passthrough, then stop and start the domain")
+
+
 def plan_usb(conn: libvirt.virConnect, dom: libvirt.virDomain, spec: UsbSpec, *, id: str | None, force: bool,
              facts_root: Path | None, check: bool = True, facts_note: str | None = None) -> HostdevPlan:
     """Find the one USB device ``spec`` names and check it; raise (nothing changed) when it may not go."""
+    flavor = flavor_of(conn)
+    if not flavor.usb_hostdev:
+        raise flavor.unsupported("pass a host USB device through with vhotplug: libvirt's libxl driver needs a "
+                                 "pvusb controller in the guest, which it does not hot-plug",
+                                 hint="give the guest a PCI USB controller with `attach pci` instead")
     node = nodedev.find_usb(conn, spec)
     address = f"{node.bus or 0:03d}.{node.device or 0:03d}"
     label = f"USB device {address} [{node.vendor_id or 0:04x}:{node.product_id or 0:04x}]"
@@ -235,7 +261,7 @@ def _undo_attach(conn: libvirt.virConnect, dom: libvirt.virDomain, plan: Hostdev
         if journal.GUEST_ATTACH in entry.steps:
             problems += _take_from_guest(conn, dom, plan.alias, flags=flags, timeout=max(timeout, ROLLBACK_TIMEOUT))
         if journal.HOST_DETACH in entry.steps and not problems and plan.nodedev is not None:
-            problems += _give_back_to_host(plan.nodedev)
+            problems += _give_back_to_host(conn, plan.nodedev)
     if not problems:
         journal.finish(entry)
         return
@@ -253,7 +279,7 @@ def _take_from_guest(conn: libvirt.virConnect, dom: libvirt.virDomain, alias: st
         if dom.isActive() and is_attached(dom, alias, inactive=False):
             detach_live(conn, dom, alias, timeout=timeout)
         if flags & libvirt.VIR_DOMAIN_AFFECT_CONFIG and dom.isPersistent() and is_attached(dom, alias, inactive=True):
-            dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            remove_from_config(conn, dom, alias)
     except libvirt.libvirtError as exc:
         return [f"detaching {alias} from {dom.name()}: {translate(exc)}"]
     except errors.VhotplugError as exc:
@@ -261,10 +287,10 @@ def _take_from_guest(conn: libvirt.virConnect, dom: libvirt.virDomain, alias: st
     return []
 
 
-def _give_back_to_host(dev: libvirt.virNodeDevice) -> list[str]:
+def _give_back_to_host(conn: libvirt.virConnect, dev: libvirt.virNodeDevice) -> list[str]:
     try:
         if nodedev.on_passthrough_driver(nodedev.current_driver(dev)):
-            nodedev.reattach_to_host(dev)
+            nodedev.reattach_to_host(conn, dev)
     except errors.VhotplugError as exc:
         return [str(exc)]
     return []
@@ -345,7 +371,7 @@ def detach_hostdev(conn: libvirt.virConnect, dom: libvirt.virDomain, ref: str, e
     if host_step and dev is not None:
         journal.step(entry, journal.HOST_REATTACH)
         with _shielded():
-            problems = _give_back_to_host(dev)
+            problems = _give_back_to_host(conn, dev)
         if problems:
             raise errors.RecoveryNeeded(
                 f"detached {entry.alias} from {dom.name()}, but giving it back to the host failed: {problems[0]}",
@@ -374,7 +400,7 @@ def recover_entry(conn: libvirt.virConnect, entry: journal.Entry, *, timeout: fl
             actions.append(f"detached {entry.alias} from {entry.domain}")
     if (dom is not None and entry.op == "attach" and entry.flags & libvirt.VIR_DOMAIN_AFFECT_CONFIG
             and dom.isPersistent() and is_attached(dom, entry.alias, inactive=True)):
-        dom.detachDeviceAlias(entry.alias, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        remove_from_config(conn, dom, entry.alias)
         actions.append(f"removed {entry.alias} from the definition of {entry.domain}")
     wants_host_back = (journal.HOST_DETACH in entry.steps if entry.op == "attach"
                        else journal.HOST_REATTACH in entry.steps or (entry.kind == "pci" and not entry.managed
@@ -385,7 +411,7 @@ def recover_entry(conn: libvirt.virConnect, entry: journal.Entry, *, timeout: fl
         except libvirt.libvirtError as exc:
             raise translate(exc, f"looking up {entry.nodedev}") from exc
         if nodedev.on_passthrough_driver(nodedev.current_driver(dev)):
-            nodedev.reattach_to_host(dev)
+            nodedev.reattach_to_host(conn, dev)
             actions.append(f"gave {entry.device} back to the host ({nodedev.current_driver(dev) or 'no driver'})")
     journal.finish(entry)
     return actions
