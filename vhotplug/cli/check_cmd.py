@@ -16,6 +16,7 @@ from vhotplug.cli.options import AcceptNewOpt, DomainArg, KnownHostsOpt, SSHJump
 from vhotplug.cli.state import OutputFormat, state
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.virt.connection import connection, domain_xml, is_running, lookup_domain
+from vhotplug.virt.flavor import flavor_of
 
 if TYPE_CHECKING:
     from vhotplug.ops.check import CheckReport, Row
@@ -39,12 +40,14 @@ def check(
 ) -> None:
     """Show what can be hot-plugged into DOMAIN now, why not, and what to do.
 
-    Rows: PCI slots, vCPUs, memory (DIMMs), balloon, USB, SCSI, read from the
+    Rows: PCI slots, vCPUs, memory (DIMMs), balloon, USB, SCSI (on Xen: PCI
+    passthrough, NICs, disks, vCPUs, balloon, and what libxl cannot do), read from the
     live XML (and the definition, to tell a prepared domain to restart). With
     guest access, also the guest kernel's hot-plug support: its config when
     readable, else evidence in sysfs. Changes nothing; exits 0 whatever it finds.
     """
     from vhotplug.ops.check import check as run_check  # only this command needs it
+    from vhotplug.ops.vcpu import host_cap
 
     st = state(ctx)
     with connection(st.uri) as conn:
@@ -59,7 +62,8 @@ def check(
                                        ssh_jump)
         with session or contextlib.nullcontext():
             report = run_check(name, running=running, live_xml=live_xml, config_xml=config_xml,
-                               session=session, guest_note=note)
+                               session=session, guest_note=note, flavor=flavor_of(conn),
+                               vcpu_cap=host_cap(conn) if running else None)
     _print(st.output, report)
 
 

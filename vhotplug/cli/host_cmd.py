@@ -9,6 +9,7 @@ import typer
 from vhotplug.cli import output
 from vhotplug.cli.state import OutputFormat, state
 from vhotplug.virt.connection import connection
+from vhotplug.virt.flavor import QEMU, Flavor, flavor_of
 
 if TYPE_CHECKING:
     from vhotplug.host.inventory import HostDevice, HostInventory
@@ -45,13 +46,15 @@ def list_host(
 
         facts = facts_for_uri(conn.getURI())
         inv = inventory.host_inventory(conn, pci=pci, usb=usb, root=facts.root)
+        flavor = flavor_of(conn)
     if st.output is OutputFormat.json:
-        output.json_out(inv.to_dict())
+        output.json_out({**inv.to_dict(), "hypervisor": flavor.name,
+                         "iommu_visible_to_host": flavor.host_iommu_visible})
         return
-    _print(inv, pci=pci, usb=usb)
+    _print(inv, pci=pci, usb=usb, flavor=flavor)
 
 
-def _print(inv: HostInventory, *, pci: bool, usb: bool) -> None:
+def _print(inv: HostInventory, *, pci: bool, usb: bool, flavor: Flavor = QEMU) -> None:
     if inv.facts_root is None:
         where = "not checked: the libvirt host is not this machine"
     elif str(inv.facts_root) == "/":
@@ -62,7 +65,9 @@ def _print(inv: HostInventory, *, pci: bool, usb: bool) -> None:
         rows = [_pci_row(d) for d in inv.devices if d.kind == "pci"]
         output.table(rows, PCI_COLUMNS, title=f"Host PCI devices (libvirt node devices; host use {where}):")
         typer.echo("")
-        typer.echo(_iommu_line(inv))
+        typer.echo(_iommu_line(inv) if flavor.host_iommu_visible else
+                   f"IOMMU: {flavor.label} owns it and dom0 cannot see it; the hypervisor refuses a passthrough "
+                   "itself when it has none")
     if usb:
         if pci:
             typer.echo("")

@@ -27,6 +27,10 @@ def prepare(
     pcie_ports: Annotated[int | None, typer.Option("--pcie-ports", metavar="N",
                                                    help="Free pcie-root-ports wanted (q35); added as needed.")]
     = None,
+    xen_passthrough: Annotated[bool, typer.Option("--xen-passthrough",
+                                                  help="Xen: start the guest with PCI passthrough on (needed "
+                                                       "before `attach pci` into a running PV/HVM guest).")]
+    = False,
     print_xml: Annotated[bool, typer.Option("--print-xml",
                                             help="Print a diff of the definition and change nothing.")] = False,
 ) -> None:
@@ -34,12 +38,14 @@ def prepare(
 
     Sets <vcpu current='C'>N</vcpu>, <maxMemory slots='S'> with a NUMA cell
     (QEMU needs one for memory hot-plug) and, on q35, enough free
-    pcie-root-ports. The running domain is not changed; a second run is a no-op.
+    pcie-root-ports; on Xen, PCI passthrough (--xen-passthrough). The running
+    domain is not changed; a second run is a no-op.
     """
     from vhotplug.ops.prepare import make_request, prepare_domain  # only this command needs it
 
     st = state(ctx)
-    req = make_request(max_vcpus=max_vcpus, max_memory=max_memory, slots=slots, pcie_ports=pcie_ports)
+    req = make_request(max_vcpus=max_vcpus, max_memory=max_memory, slots=slots, pcie_ports=pcie_ports,
+                       xen_passthrough=xen_passthrough)
     with connection(st.uri) as conn:
         outcome = prepare_domain(conn, lookup_domain(conn, domain), req, dry_run=print_xml)
 

@@ -18,6 +18,7 @@ from vhotplug.guest.probe import parse_cpu_list
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.ops.prepare import parse_xml, size_kib, slot_devices, vcpu_counts
 from vhotplug.units import format_size
+from vhotplug.virt.flavor import QEMU, Flavor, xen_guest_kind, xen_passthrough_on
 from vhotplug.virt.slots import pci_room
 
 # The seed's list of the guest kernel options hot-plug depends on.
@@ -95,6 +96,9 @@ class DomainFacts:
     balloon: str | None  # memballoon model, None when absent or 'none'
     usb: list[str]  # USB controller models
     scsi: list[str]  # SCSI controller models
+    current_memory_kib: int = 0
+    xen_kind: str = ""  # pv, pvh or hvm for a Xen domain (read from any domain XML; meaningful on Xen only)
+    xen_passthrough: bool = False  # <features><xen><passthrough state='on'/>, or a PCI hostdev already there
 
     @property
     def memory_room_kib(self) -> int:
@@ -126,16 +130,54 @@ def domain_facts(xml: str | bytes | etree._Element) -> DomainFacts:
         usb=[c.get("model", "default") for c in root.iterfind("devices/controller[@type='usb']")
              if c.get("model") != "none"],
         scsi=[c.get("model", "default") for c in root.iterfind("devices/controller[@type='scsi']")],
+        current_memory_kib=size_kib(root.find("currentMemory")) if root.find("currentMemory") is not None else 0,
+        xen_kind=xen_guest_kind(root),
+        xen_passthrough=xen_passthrough_on(root) or bool(root.xpath("devices/hostdev[@type='pci']")),
     )
+
+
+def _xen_rows(name: str, f: DomainFacts, config: DomainFacts | None, flavor: Flavor,
+              vcpu_cap: int | None) -> list[Row]:
+    """What libvirt's libxl driver can hot-plug into this Xen domain (measured on Xen 4.17, PV guests)."""
+    kind = f.xen_kind.upper()
+    if f.xen_kind == "pvh":
+        pci = Row("pci", False, "PVH guest: Xen 4.17 has no PCI passthrough for PVH", "use a PV or HVM guest",
+                  {"xen_kind": f.xen_kind, "passthrough": False})
+    elif f.xen_passthrough:
+        pci = Row("pci", True, f"{kind} guest started with PCI passthrough on: host PCI functions can be "
+                  "hot-plugged (`attach pci`, through pciback)", facts={"xen_kind": f.xen_kind, "passthrough": True})
+    else:
+        fix = (_restart_fix("passthrough on") if config is not None and config.xen_passthrough else
+               f"vhotplug prepare {name} --xen-passthrough, then stop and start the domain")
+        pci = Row("pci", False, f"{kind} guest started without PCI passthrough: Xen sets it up only when a guest "
+                  "is created", fix, {"xen_kind": f.xen_kind, "passthrough": False})
+    nic = Row("nic", True, "paravirtual NICs (netfront) on a bridge or libvirt network; no user-mode networking, "
+              "no emulated models", facts={"sources": list(flavor.nic_sources)})
+    disk = Row("disk", True, "paravirtual disks (blkfront, bus xen, xvdX): raw images or block devices on the Xen "
+               "host; no qcow2, no virtio/SCSI/SATA/USB buses", facts={"buses": list(flavor.disk_buses)})
+    memory = Row("memory", False, "libxl has no memory devices (DIMMs)",
+                 f"use the balloon: vhotplug memory balloon {name} SIZE (up to {format_size(f.memory_kib * 1024)})",
+                 {"dimm": False})
+    current = f.current_memory_kib or f.memory_kib
+    balloon = Row("balloon", True, f"Xen balloon: {format_size(current * 1024)} of "
+                  f"{format_size(f.memory_kib * 1024)}", facts={"current_kib": current, "max_kib": f.memory_kib})
+    usb = Row("usb", False, "vhotplug passes no USB devices to Xen guests (libxl needs a pvusb controller)",
+              "pass a PCI USB controller with `attach pci`", {"models": []})
+    scsi = Row("scsi", False, "no SCSI disks: a PV guest has no device model", "use a xen-bus disk (the default)",
+               {"models": []})
+    return [pci, nic, disk, _vcpu_row(name, f, config, vcpu_cap), memory, balloon, usb, scsi]
 
 
 def _restart_fix(what: str) -> str:
     return f"the definition already has {what}: stop and start the domain for it to take effect"
 
 
-def evaluate_domain(name: str, live: DomainFacts, config: DomainFacts | None = None) -> list[Row]:
-    """Rows for what libvirt/QEMU allow now. ``config``: the definition, when it differs from ``live``
-    (a running domain), so that a prepared-but-not-restarted domain is told to restart."""
+def evaluate_domain(name: str, live: DomainFacts, config: DomainFacts | None = None,
+                    flavor: Flavor = QEMU, vcpu_cap: int | None = None) -> list[Row]:
+    """Rows for what libvirt and the hypervisor allow now. ``config``: the definition, when it differs from
+    ``live`` (a running domain), so that a prepared-but-not-restarted domain is told to restart."""
+    if flavor.name == "xen":
+        return _xen_rows(name, live, config, flavor, vcpu_cap)
     return [_pci_row(name, live, config), _vcpu_row(name, live, config), _memory_row(name, live, config),
             _balloon_row(live), _usb_row(live), _scsi_row(live)]
 
@@ -162,12 +204,17 @@ def _pci_row(name: str, f: DomainFacts, config: DomainFacts | None) -> Row:
                "add a <controller type='pci' model='pci-bridge'/> to the definition (next boot)", facts)
 
 
-def _vcpu_row(name: str, f: DomainFacts, config: DomainFacts | None) -> Row:
-    room = f.vcpus_max - f.vcpus_current
-    facts = {"current": f.vcpus_current, "max": f.vcpus_max, "room": room}
+def _vcpu_row(name: str, f: DomainFacts, config: DomainFacts | None, cap: int | None = None) -> Row:
+    top = min(f.vcpus_max, cap) if cap is not None else f.vcpus_max
+    room = top - f.vcpus_current
+    facts = {"current": f.vcpus_current, "max": f.vcpus_max, "room": room, "host_cap": cap}
     detail = f"{f.vcpus_current}/{f.vcpus_max} vCPUs"
+    if top < f.vcpus_max:
+        detail += f", at most {cap} while running (the host's CPUs)"
     if room > 0:
         return Row("vcpu", True, f"{detail}: {room} more can be hot-added", facts=facts)
+    if top < f.vcpus_max:
+        return Row("vcpu", False, f"{detail}: the host's limit is reached", "a host with more CPUs", facts)
     if config and config.vcpus_max > f.vcpus_max:
         fix = _restart_fix(f"a maximum of {config.vcpus_max} vCPUs")
     else:
@@ -386,10 +433,11 @@ class CheckReport:
 
 
 def check(name: str, *, running: bool, live_xml: str, config_xml: str | None,
-          session: GuestSession | None, guest_note: Row | None = None) -> CheckReport:
+          session: GuestSession | None, guest_note: Row | None = None, flavor: Flavor = QEMU,
+          vcpu_cap: int | None = None) -> CheckReport:
     """Evaluate libvirt's XML (live, and the definition of a running domain) and, with a session, the guest."""
     config = domain_facts(config_xml) if config_xml is not None else None
-    report = CheckReport(name, running, evaluate_domain(name, domain_facts(live_xml), config))
+    report = CheckReport(name, running, evaluate_domain(name, domain_facts(live_xml), config, flavor, vcpu_cap))
     if session is not None:
         report.guest = guest_kernel(session)
         report.rows.extend(evaluate_guest(report.guest))

@@ -22,6 +22,7 @@ from lxml import etree
 from vhotplug import errors
 from vhotplug.units import format_size, parse_size, unit_scale
 from vhotplug.virt.errors import translate
+from vhotplug.virt.flavor import Flavor, flavor_of
 from vhotplug.virt.slots import pci_room
 
 MAX_SLOTS = 255  # the most DIMM slots accepted (QEMU's ACPI memory hot-plug stops at 256)
@@ -31,8 +32,9 @@ MAX_ROUNDING_KIB = 128 * 1024  # the guest onlines memory in 128 MiB blocks (x86
 MAX_PCI_INDEX = 255  # a PCI controller index is a bus number
 _SLOT_MODELS = "devices/memory[@model='dimm' or @model='nvdimm']"  # the device kinds that take a maxMemory slot
 
-OPTIONS_HINT = ("give at least one of --max-vcpus N, --max-memory SIZE, --slots N, --pcie-ports N "
-                "(e.g. vhotplug prepare DOMAIN --max-vcpus 4 --max-memory 4G --slots 4 --pcie-ports 4)")
+OPTIONS_HINT = ("give at least one of --max-vcpus N, --max-memory SIZE, --slots N, --pcie-ports N, "
+                "--xen-passthrough (e.g. vhotplug prepare DOMAIN --max-vcpus 4 --max-memory 4G --slots 4 "
+                "--pcie-ports 4)")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class PrepareRequest:
     max_memory_kib: int | None = None
     slots: int | None = None
     pcie_ports: int | None = None
+    xen_passthrough: bool = False  # Xen: start with PCI passthrough on, so PCI devices can be hot-plugged
 
 
 @dataclass(frozen=True)
@@ -69,9 +72,9 @@ class Plan:
 
 
 def make_request(*, max_vcpus: int | None = None, max_memory: str | None = None, slots: int | None = None,
-                 pcie_ports: int | None = None) -> PrepareRequest:
+                 pcie_ports: int | None = None, xen_passthrough: bool = False) -> PrepareRequest:
     """Validate the options that do not depend on the domain; refuse an empty request."""
-    if max_vcpus is None and max_memory is None and slots is None and pcie_ports is None:
+    if max_vcpus is None and max_memory is None and slots is None and pcie_ports is None and not xen_passthrough:
         raise errors.InvalidRequest("nothing to prepare: no option given", hint=OPTIONS_HINT)
     if max_vcpus is not None and max_vcpus < 1:
         raise errors.InvalidRequest(f"invalid --max-vcpus {max_vcpus}: a domain needs at least 1 vCPU")
@@ -86,7 +89,7 @@ def make_request(*, max_vcpus: int | None = None, max_memory: str | None = None,
             raise errors.InvalidRequest(f"invalid --max-memory {max_memory!r}: not a whole number of KiB",
                                         hint="libvirt counts memory in KiB: use e.g. 4G or 4096M")
         max_kib = nbytes // 1024
-    return PrepareRequest(max_vcpus, max_kib, slots, pcie_ports)
+    return PrepareRequest(max_vcpus, max_kib, slots, pcie_ports, xen_passthrough)
 
 
 # -- reading the definition ------------------------------------------------
@@ -361,10 +364,44 @@ def ensure_root_ports(root: etree._Element, want_free: int) -> Change | None:
     return Change("pcie-root-port", f"{free} free", f"{want_free} free ({add} added)")
 
 
+def ensure_xen_passthrough(root: etree._Element) -> Change | None:
+    """``<features><xen><passthrough state='on'/>``: Xen sets up a guest for PCI devices only at its creation."""
+    features = root.find("features")
+    if features is None:
+        features = etree.Element("features")
+        _insert_after(root, features, "os")
+    xen = features.find("xen")
+    if xen is None:
+        xen = etree.SubElement(features, "xen")
+    el = xen.find("passthrough")
+    before = el.get("state", "default") if el is not None else "default"
+    if before == "on":
+        return None
+    if el is None:
+        el = etree.SubElement(xen, "passthrough")
+    el.set("state", "on")
+    return Change("xen passthrough", before, "on")
+
+
+def check_request(req: PrepareRequest, flavor: Flavor, name: str) -> None:
+    """Refuse what the domain's hypervisor has no room to make, before anything is read or changed."""
+    if flavor.name == "xen":
+        if req.max_memory_kib is not None or req.slots is not None:
+            raise flavor.unsupported("hot-plug memory devices, so --max-memory/--slots have nothing to prepare",
+                                     hint=f"the balloon needs no preparing: vhotplug memory balloon {name} SIZE")
+        if req.pcie_ports is not None:
+            raise flavor.unsupported("take --pcie-ports: a PV guest's PCI devices need no slots",
+                                     hint=f"vhotplug prepare {name} --xen-passthrough")
+    elif req.xen_passthrough:
+        raise errors.InvalidRequest(f"--xen-passthrough is for Xen domains; {name} runs on {flavor.label}")
+
+
 def plan(root: etree._Element, req: PrepareRequest) -> Plan:
     """The edited definition and what changed; ``root`` is left untouched."""
     new = copy.deepcopy(root)
     steps = []
+    if req.xen_passthrough:
+        steps.append(ensure_xen_passthrough(new))
     if req.max_vcpus is not None:
         steps.append(set_max_vcpus(new, req.max_vcpus))
     steps.append(set_max_memory(new, req.max_memory_kib, req.slots))
@@ -408,6 +445,7 @@ def prepare_domain(conn: libvirt.virConnect, dom: libvirt.virDomain, req: Prepar
 
     The running domain is never touched: the new room appears at its next boot.
     """
+    check_request(req, flavor_of(conn), dom.name())
     try:
         name = dom.name()
         persistent = bool(dom.isPersistent())

@@ -21,6 +21,7 @@ from vhotplug.guest.hotplug import SYS_CPU, cpu_list
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.virt.errors import translate
 from vhotplug.virt.events import DeviceRemovalWaiter
+from vhotplug.virt.flavor import flavor_of
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,25 @@ def counts(dom: libvirt.virDomain, *, live: bool) -> tuple[int, int]:
         return dom.vcpusFlags(flag), dom.vcpusFlags(flag | libvirt.VIR_DOMAIN_VCPU_MAXIMUM)
     except libvirt.libvirtError as exc:
         raise translate(exc, "reading the vCPU counts") from exc
+
+
+def host_cap(conn: libvirt.virConnect) -> int | None:
+    """The most vCPUs the hypervisor lets a running guest have, where that is below any definition's
+    maximum: libxl caps them at the host's CPUs. None: no such cap (QEMU)."""
+    if flavor_of(conn).name != "xen":
+        return None
+    try:
+        return int(conn.getMaxVcpus(None))
+    except libvirt.libvirtError:
+        return None
+
+
+def check_host_cap(conn: libvirt.virConnect, n: int) -> None:
+    cap = host_cap(conn)
+    if cap is not None and n > cap:
+        raise errors.InvalidRequest(
+            f"requested vCPUs ({n}) exceed the {cap} that {flavor_of(conn).label} allows a running guest on this "
+            "host (its physical CPU count)", hint=f"ask for at most {cap}")
 
 
 def check_target(n: int, maximum: int) -> None:
@@ -87,6 +107,7 @@ def set_vcpus(conn: libvirt.virConnect, dom: libvirt.virDomain, n: int, *, live:
 
     cur, maximum = counts(dom, live=True)
     check_target(n, maximum)
+    check_host_cap(conn, n)
     outcome = (_grow if n > cur else _shrink)(conn, dom, cur, n, session, timeout) if n != cur else None
     if config:
         try:
