@@ -52,8 +52,11 @@ class Recorder:
 class FakeNodeDevice:
     def __init__(self, rec: Recorder, bdf: Bdf, *, driver: str | None, vendor: int = 0x8086, product: int = 0x10D3,
                  klass: int = 0x020000, group: int | None = 7, members: tuple[Bdf, ...] = (),
-                 host_owned: bool = False) -> None:
+                 host_owned: bool = False, stub: str = "vfio-pci") -> None:
         self.rec, self.bdf, self.driver, self.host_driver = rec, bdf, driver, driver
+        # stub "pciback" is Xen's: the function lands in pciback's slot list, and a reattach while it is
+        # listed leaves it on pciback (as seen with libvirt 9.0 + Xen 4.17) until the slot is removed.
+        self.stub, self.pciback_slot = stub, False
         self.vendor, self.product, self.klass, self.group = vendor, product, klass, group
         self.members = members or (bdf,)
         self.host_owned = host_owned
@@ -85,7 +88,8 @@ class FakeNodeDevice:
         if self.host_owned:
             pytest.fail(f"vhotplug tried to take {self.bdf}, a device the host uses, from its host driver")
         self.rec.hit("nodedev.detach")
-        self.driver = "vfio-pci"
+        self.driver = self.stub
+        self.pciback_slot = self.stub == "pciback"
         self.rec.hit("nodedev.detach:done")
 
     def dettach(self) -> None:
@@ -93,7 +97,7 @@ class FakeNodeDevice:
 
     def reAttach(self) -> None:
         self.rec.hit("nodedev.reattach")
-        self.driver = self.host_driver
+        self.driver = "pciback" if self.pciback_slot else self.host_driver
         self.rec.hit("nodedev.reattach:done")
 
 

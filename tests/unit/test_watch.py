@@ -185,6 +185,12 @@ class FakeSys:
         block = self._block(name, dev, "virtio", "virtio_blk")
         (block / "serial").write_text(serial)  # no newline, like virtio-blk's
 
+    def add_xen_disk(self, name: str, vbd: str = "vbd-51728") -> None:
+        """A blkfront disk as a Xen PV guest shows it: no serial anywhere, the name is the target's."""
+        dev = self.root / "sys/devices" / vbd
+        dev.mkdir(parents=True)
+        self._block(name, dev, "xen", "vbd")
+
     def add_scsi_disk(self, name: str, serial: str, hctl: str = "0:0:0:1", pci: str = "0000:04:00.0") -> None:
         h, _, t, _ = hctl.split(":")
         sdev = self.devices / "0000:00:01.2" / pci / "virtio1" / f"host{h}" / f"target{h}:0:{t}" / hctl
@@ -934,3 +940,33 @@ def test_stderr_reader_stops_at_end_of_stream():
             return b"oops\n" if self.reads == 1 else b""
 
     assert Watch._stderr(SimpleNamespace(_chan=EofChannel())) == "oops"  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------------
+# Xen blkfront disks: known by their name (the target), since nothing carries a serial into the guest
+
+
+@needs_busybox
+def test_xen_disk_found_by_name_then_gone(fake):
+    sysfs, session = fake
+    w = watch(session, sysfs, "blockdev", "xvdb")
+    later(0.2, lambda: sysfs.add_xen_disk("xvdb"))
+    seen = w.result()
+    assert (seen.name, seen.driver) == ("xvdb", "vbd")
+    w = watch(session, sysfs, "blockdev", "xvdb", present=False)
+    later(0.2, lambda: sysfs.remove_block("xvdb"))
+    assert w.result().detail.get("was") == "xvdb"
+
+
+@needs_busybox
+def test_xen_disk_watch_ignores_other_disks(fake):
+    sysfs, session = fake
+    sysfs.add_xen_disk("xvda", "vbd-51712")
+    with pytest.raises(errors.Timeout, match="did not show the disk xvdb"):
+        watch(session, sysfs, "blockdev", "xvdb", timeout=0.3).result()
+
+
+@pytest.mark.parametrize("value", ["", "XVDB", "xvdb1", "../sda", "x", "xvdb;reboot"])
+def test_blockdev_identity_refuses_what_is_not_a_disk_name(value):
+    with pytest.raises(errors.InvalidRequest):
+        Identity("blockdev", value)
