@@ -14,8 +14,9 @@ from vhotplug import errors, templates
 from vhotplug.guest.target import METADATA_NS, SSHTarget, metadata_element
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
-Machine = Literal["q35", "pc"]
-Accel = Literal["qemu", "kvm"]
+#: xenpv/xen: the lab guest as a Xen PV domU (vhotplug.lab.xenpv), chosen by the connection's driver.
+Machine = Literal["q35", "pc", "xenpv"]
+Accel = Literal["qemu", "kvm", "xen"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 # The template's own PCIe devices each take a root port on q35 (libvirt places
@@ -79,6 +80,20 @@ def _make_plain(root: etree._Element) -> None:
     vcpu.text = "1"
 
 
+def lab_metadata(spec: LabSpec) -> etree._Element:
+    """The ``<vh:guest>`` element of a lab guest: its SSH login and ``<vh:lab>`` (what `lab up` compares)."""
+    meta = metadata_element(spec.ssh)
+    lab = etree.SubElement(meta, f"{{{METADATA_NS}}}lab")
+    lab.set("machine", spec.machine)
+    lab.set("accel", spec.accel)
+    lab.set("serial-log", str(spec.serial_log))
+    if spec.image_id:
+        lab.set("image", spec.image_id)
+    if spec.plain:
+        lab.set("plain", "yes")  # `lab up` compares it: a plain lab never stands in for a ready one
+    return meta
+
+
 def build_domain_xml(spec: LabSpec) -> str:
     """The full domain XML for a lab guest."""
     check_name(spec.name)
@@ -101,16 +116,7 @@ def build_domain_xml(spec: LabSpec) -> str:
     if spec.plain:
         _make_plain(root)
 
-    meta = metadata_element(spec.ssh)
-    lab = etree.SubElement(meta, f"{{{METADATA_NS}}}lab")
-    lab.set("machine", spec.machine)
-    lab.set("accel", spec.accel)
-    lab.set("serial-log", str(spec.serial_log))
-    if spec.image_id:
-        lab.set("image", spec.image_id)
-    if spec.plain:
-        lab.set("plain", "yes")  # `lab up` compares it: a plain lab never stands in for a ready one
-    root.find("metadata").append(meta)
+    root.find("metadata").append(lab_metadata(spec))
 
     devices = root.find("devices")
     first = devices[0]

@@ -58,6 +58,9 @@ MODULES: tuple[str, ...] = (
 )
 #: Without these the guest cannot be reached at all.
 REQUIRED_MODULES: tuple[str, ...] = ("virtio_pci", "virtio_net")
+#: The Xen PV front ends (the same image boots as a Xen PV domU): loaded only when /sys/hypervisor/type
+#: says xen, from a list of their own, so a QEMU/KVM guest loads exactly what it did without them.
+XEN_MODULES: tuple[str, ...] = ("xen_netfront", "xen_blkfront", "xen_pcifront")
 
 KERNEL_PREFIX = "vmlinuz-"
 INITRD_NAME = "initrd.img"
@@ -71,6 +74,8 @@ STAMP_NAME = "stamp.json"
 LOCK_NAME = ".lock"
 #: Inside the guest: /lib/modules/KVER/<this>, one absolute .ko path per line, in load order.
 MODULE_ORDER_NAME = "vhotplug-modules.order"
+#: The same for XEN_MODULES (init.sh loads it under Xen only).
+XEN_MODULE_ORDER_NAME = "vhotplug-xen-modules.order"
 
 GUEST_HOSTNAME = "vhotplug-lab"
 DROPBEAR_CMD = f"/usr/sbin/dropbear -F -E -s -r /etc/dropbear/{HOST_KEY_NAME} -p 22"
@@ -462,7 +467,8 @@ def _inputs(kver: str) -> dict[str, object]:
         "format": FORMAT_VERSION,
         "kver": kver,
         "init_sha256": hashlib.sha256(INIT_SCRIPT.read_bytes()).hexdigest(),
-        "modules_sha256": hashlib.sha256("\n".join((*MODULES, "", *REQUIRED_MODULES)).encode()).hexdigest(),
+        "modules_sha256": hashlib.sha256("\n".join((*MODULES, "", *REQUIRED_MODULES, "", *XEN_MODULES)).encode())
+        .hexdigest(),
         "sources": {str(p): _fingerprint(p) for p in sources},
     }
 
@@ -520,7 +526,8 @@ def _copy_module(staging: Path, src: Path) -> str:
     return plain
 
 
-def _stage(staging: Path, kver: str, modules: list[Path], host_key: Path, client_pub: str) -> None:
+def _stage(staging: Path, kver: str, modules: list[Path], host_key: Path, client_pub: str,
+           xen_modules: list[Path] | None = None) -> None:
     """Lay out the guest's root file system in ``staging`` (owners and times are set by the packer)."""
     for d, mode in (("proc", 0o755), ("sys", 0o755), ("dev", 0o755), ("run", 0o755), ("tmp", 0o1777),
                     ("var", 0o755), ("var/log", 0o755), ("var/tmp", 0o1777), ("etc/dropbear", 0o755),
@@ -548,10 +555,11 @@ def _stage(staging: Path, kver: str, modules: list[Path], host_key: Path, client
         os.chmod(staging / rel, mode)
     _copy_in(staging, INIT_SCRIPT, "init", 0o755)
 
-    loaded = [_copy_module(staging, ko) for ko in modules]
-    order = staging / "lib/modules" / kver / MODULE_ORDER_NAME
-    order.parent.mkdir(parents=True, exist_ok=True)
-    order.write_text("".join(f"{p}\n" for p in loaded))
+    for name, kos in ((MODULE_ORDER_NAME, modules), (XEN_MODULE_ORDER_NAME, xen_modules or [])):
+        loaded = [_copy_module(staging, ko) for ko in kos]
+        order = staging / "lib/modules" / kver / name
+        order.parent.mkdir(parents=True, exist_ok=True)
+        order.write_text("".join(f"{p}\n" for p in loaded))
 
 
 def _pack(staging: Path, dest: Path) -> None:
@@ -688,10 +696,11 @@ def _build_locked(out_dir: Path, kver: str, kernel_src: Path, force: bool) -> Gu
         host_pub = _host_key(out_dir)
         client_pub = _client_key(out_dir)
         modules = resolve_modules(kver)
+        xen_modules = resolve_modules(kver, XEN_MODULES, required=())
         kernel = out_dir / f"{KERNEL_PREFIX}{kver}"
         initrd = out_dir / INITRD_NAME
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".staging-") as tmp:
-            _stage(Path(tmp), kver, modules, out_dir / HOST_KEY_NAME, client_pub)
+            _stage(Path(tmp), kver, modules, out_dir / HOST_KEY_NAME, client_pub, xen_modules)
             _pack(Path(tmp), initrd)
         try:
             _atomic_copy(kernel_src, kernel)
@@ -707,6 +716,7 @@ def _build_locked(out_dir: Path, kver: str, kernel_src: Path, force: bool) -> Gu
             "host_key_pub": host_pub,
             "client_key_pub": client_pub,
             "modules": [p.name for p in modules],
+            "xen_modules": [p.name for p in xen_modules],
             "initrd_bytes": initrd.stat().st_size,
         }
         _atomic_write(out_dir / STAMP_NAME, (json.dumps(new_stamp, indent=2, sort_keys=True) + "\n").encode())

@@ -32,10 +32,14 @@ mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /dev/shm || log "mount /dev/shm f
 log "filesystems mounted"
 
 kver=$(uname -r)
-order=/lib/modules/$kver/vhotplug-modules.order
-loaded=0
-failed=0
-if [ -r "$order" ]; then
+# load_modules LIST WHAT: insmod every module named in LIST, in order.
+load_modules() {
+    loaded=0
+    failed=0
+    if [ ! -r "$1" ]; then
+        log "ERROR: no module list $1 (image built for another kernel?)"
+        return
+    fi
     while read -r ko; do
         case "$ko" in '' | '#'*) continue ;; esac
         if out=$(insmod "$ko" 2>&1); then
@@ -44,20 +48,37 @@ if [ -r "$order" ]; then
             failed=$((failed + 1))
             log "insmod ${ko##*/} failed: $out"
         fi
-    done <"$order"
-    log "modules: $loaded loaded, $failed failed"
-else
-    log "ERROR: no module list $order (image built for another kernel?)"
+    done <"$1"
+    log "$2: $loaded loaded, $failed failed"
+}
+load_modules "/lib/modules/$kver/vhotplug-modules.order" modules
+# A Xen PV domU: its network, disks and PCI devices come through the Xen front ends.
+if [ "$(cat /sys/hypervisor/type 2>/dev/null)" = xen ]; then
+    load_modules "/lib/modules/$kver/vhotplug-xen-modules.order" "xen modules"
 fi
 
 hostname vhotplug-lab
 ip link set lo up && log "lo up"
 
+# The management address: QEMU user networking's by default; a Xen PV domU gets a link-local one on
+# dom0's bridge (vhotplug.mgmt_ip=ADDR/PREFIX vhotplug.mgmt_gw=ADDR).
 mac=""
+ip4=10.0.2.15/24
+gw4=10.0.2.2
 for tok in $(cat /proc/cmdline); do
-    case "$tok" in vhotplug.mgmt_mac=*) mac=${tok#vhotplug.mgmt_mac=} ;; esac
+    case "$tok" in
+        vhotplug.mgmt_mac=*) mac=${tok#vhotplug.mgmt_mac=} ;;
+        vhotplug.mgmt_ip=*) ip4=${tok#vhotplug.mgmt_ip=} ;;
+        vhotplug.mgmt_gw=*) gw4=${tok#vhotplug.mgmt_gw=} ;;
+    esac
 done
 mac=$(echo "$mac" | tr 'A-F' 'a-f')
+case "$ip4/$gw4" in
+    *[!0-9./]* | */*/*/* | /* | */)
+        log "ERROR: bad vhotplug.mgmt_ip=$ip4 or mgmt_gw=$gw4; using 10.0.2.15/24 via 10.0.2.2"
+        ip4=10.0.2.15/24 gw4=10.0.2.2
+        ;;
+esac
 if [ -n "$mac" ]; then
     log "looking for the management NIC with MAC $mac"
 else
@@ -84,9 +105,9 @@ done
 
 if [ -n "$nic" ]; then
     ip link set "$nic" up
-    ip addr add 10.0.2.15/24 dev "$nic"
-    ip route add default via 10.0.2.2 dev "$nic"
-    log "management NIC $nic: $(ip -o -4 addr show dev "$nic" | awk '{print $4}'), default via 10.0.2.2"
+    ip addr add "$ip4" dev "$nic"
+    ip route add default via "$gw4" dev "$nic"
+    log "management NIC $nic: $(ip -o -4 addr show dev "$nic" | awk '{print $4}'), default via $gw4"
 else
     log "ERROR: management NIC not found after 10 s; interfaces: $(ls /sys/class/net | tr '\n' ' ')"
 fi

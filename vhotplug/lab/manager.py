@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from lxml import etree
 from vhotplug import errors
 from vhotplug.guest.ssh import wait_for_ssh
 from vhotplug.guest.target import METADATA_NS, SSHTarget, target_from_metadata
-from vhotplug.lab import DEFAULT_NAME
+from vhotplug.lab import DEFAULT_NAME, xenpv
 from vhotplug.lab import image as lab_image
 from vhotplug.lab.domain import Accel, LabSpec, Machine, build_domain_xml, check_name
 from vhotplug.virt.errors import translate
@@ -130,6 +131,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def known_hosts_line(host: str, port: int, host_key_pub: str) -> str:
+    """A known_hosts entry the way OpenSSH and paramiko look it up: ``host`` on port 22, else ``[host]:port``."""
+    name = host if port == 22 else f"[{host}]:{port}"
+    return f"{name} {host_key_pub}\n"
+
+
 def serial_tail(path: str | Path, lines: int = 15) -> str:
     with contextlib.suppress(OSError):
         text = Path(path).read_text(errors="replace").splitlines()
@@ -153,18 +160,48 @@ def build(*, kver: str | None = None, force: bool = False) -> lab_image.GuestIma
 
 
 def _spec(name: str, machine: Machine, accel: Accel, kernel: Path, initrd: Path, key: Path,
-          image_id: str, plain: bool = False, jump: SSHTarget | None = None) -> LabSpec:
+          image_id: str, plain: bool = False, jump: SSHTarget | None = None, xen_host: str | None = None) -> LabSpec:
     ddir = domain_dir(name)
-    # The forward is chosen now, free at this moment; SSH is bound to loopback only. For a lab inside
-    # a remote hypervisor (the nested lab's L2) the forward is on that host's loopback, reached through
-    # it as a jump host; a port free here is very likely free there too (the hypervisor runs little).
-    target = SSHTarget("127.0.0.1", free_port(), "root", key, ddir / "known_hosts", source="lab metadata",
-                       jump=jump)
-    # Inside a remote hypervisor the lab directory is read-only (the nested L1 sees it over 9p): the serial
-    # log goes to that host's own libvirt log directory instead.
-    serial = REMOTE_LOG_DIR / f"{name}-serial.log" if jump else ddir / "serial.log"
+    if xen_host is not None:
+        # A Xen PV domU: its own address on dom0's bridge, port 22, its console logged by dom0's xenconsoled.
+        target = SSHTarget(xen_host, xenpv.SSH_PORT, "root", key, ddir / "known_hosts", source="lab metadata",
+                           jump=jump)
+        serial = xenpv.console_log(name)
+    else:
+        # The forward is chosen now, free at this moment; SSH is bound to loopback only. For a lab inside
+        # a remote hypervisor (the nested lab's L2) the forward is on that host's loopback, reached through
+        # it as a jump host; a port free here is very likely free there too (the hypervisor runs little).
+        target = SSHTarget("127.0.0.1", free_port(), "root", key, ddir / "known_hosts", source="lab metadata",
+                           jump=jump)
+        # Inside a remote hypervisor the lab directory is read-only (the nested L1 sees it over 9p): the
+        # serial log goes to that host's own libvirt log directory instead.
+        serial = REMOTE_LOG_DIR / f"{name}-serial.log" if jump else ddir / "serial.log"
     return LabSpec(name=name, kernel=kernel, initrd=initrd, serial_log=serial, ssh=target,
                    machine=machine, accel=accel, image_id=image_id, plain=plain)
+
+
+@dataclass(frozen=True)
+class _Flavour:
+    """How the lab guest is defined on a hypervisor: its shape and its domain XML."""
+
+    machine: Machine
+    accel: Accel
+    xml: Callable[[LabSpec], str]
+    xen: bool = False
+
+
+def _flavour(conn: libvirt.virConnect, machine: Machine, accel: Accel, plain: bool) -> _Flavour:
+    """The one place the connection's driver decides: a Xen PV domU under Xen, else the QEMU/KVM guest."""
+    try:
+        driver = conn.getType()
+    except libvirt.libvirtError as exc:
+        raise translate(exc, "asking libvirt for its hypervisor type") from exc
+    if driver != "Xen":
+        return _Flavour(machine, accel, build_domain_xml)
+    if plain:
+        raise errors.Unsupported("`lab up --plain` is for QEMU/KVM lab guests; a Xen lab guest is a PV domU",
+                                 hint="leave out --plain")
+    return _Flavour(xenpv.MACHINE, xenpv.ACCEL, xenpv.build_xenpv_xml, xen=True)
 
 
 def planned_xml(name: str, *, machine: Machine, accel: Accel, plain: bool = False) -> str:
@@ -206,10 +243,11 @@ def up(conn: libvirt.virConnect, name: str = DEFAULT_NAME, *, machine: Machine =
     """
     check_name(name)
     img = build(kver=kver)
+    flavour = _flavour(conn, machine, accel, plain)
     dom = _find(conn, name)
     if dom is not None:
         info = _require_lab(dom)
-        same_shape = (info.machine == machine and info.accel == accel and info.plain == plain
+        same_shape = (info.machine == flavour.machine and info.accel == flavour.accel and info.plain == plain
                       and info.kind == "guest")
         if info.state == "running" and info.target and same_shape:
             with contextlib.suppress(errors.GuestUnreachable, errors.Timeout, errors.GuestHostKeyError):
@@ -220,15 +258,17 @@ def up(conn: libvirt.virConnect, name: str = DEFAULT_NAME, *, machine: Machine =
         down(conn, name)  # stale, unreachable or different shape: start afresh
 
     jump = remote_jump(conn)
-    spec = _spec(name, machine, accel, img.kernel, img.initrd, img.client_key, img.kver, plain, jump)
+    xen_host = xenpv.pick_address(lab.target.host for lab in list_labs(conn) if lab.target) if flavour.xen else None
+    spec = _spec(name, flavour.machine, flavour.accel, img.kernel, img.initrd, img.client_key, img.kver, plain, jump,
+                 xen_host)
     domain_dir(name).mkdir(parents=True, exist_ok=True)
-    if jump is None:
+    if jump is None and not flavour.xen:
         spec.serial_log.unlink(missing_ok=True)
     assert spec.ssh.known_hosts is not None
-    spec.ssh.known_hosts.write_text(f"[{spec.ssh.host}]:{spec.ssh.port} {img.host_key_pub}\n")
+    spec.ssh.known_hosts.write_text(known_hosts_line(spec.ssh.host, spec.ssh.port, img.host_key_pub))
     serial, target = spec.serial_log, spec.ssh
     try:
-        dom = conn.defineXML(build_domain_xml(spec))
+        dom = conn.defineXML(flavour.xml(spec))
     except libvirt.libvirtError as exc:
         raise translate(exc, f"defining lab domain {name}") from exc
     started = time.monotonic()
