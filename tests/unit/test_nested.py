@@ -176,7 +176,7 @@ class _Conn:
 
 
 def _plain_lab_xml(name: str, lab: Path) -> str:
-    target = nested._target(name, 2200, _image(lab))
+    target = nested.l1_target(name, 2200, _image(lab))
     spec = LabSpec(name=name, kernel=lab / "k", initrd=lab / "i", serial_log=lab / "s", ssh=target)
     return build_domain_xml(spec)
 
@@ -311,7 +311,7 @@ def _members(img: L1Image) -> dict[str, CpioEntry]:
 
 
 def _boot_file(name: str) -> bytes:
-    return (resources.files("vhotplug.lab") / "l1" / name).read_bytes()
+    return (resources.files("vhotplug.lab") / name).read_bytes()
 
 
 def _ident(path: Path) -> tuple[int, int]:
@@ -336,8 +336,8 @@ def test_build_l1_outputs(lab_env: tuple[Path, L1Image]) -> None:
 def test_initramfs_contents(lab_env: tuple[Path, L1Image]) -> None:
     lab, img = lab_env
     m = _members(img)
-    assert m["init"].data == _boot_file("init") and stat.S_IMODE(m["init"].mode) == 0o755
-    shipped = {p.name for p in (Path(nested.__file__).parent / "l1").iterdir()}
+    assert m["init"].data == _boot_file("l1/init") and stat.S_IMODE(m["init"].mode) == 0o755
+    shipped = {f"l1/{p.name}" for p in (Path(nested.__file__).parent / "l1").iterdir()}
     assert shipped == set(nested.BOOT_FILES)  # every boot file goes in, and only those
     for name, (dest, mode) in nested.BOOT_FILES.items():
         assert m[dest].data == _boot_file(name) and stat.S_IMODE(m[dest].mode) == mode, name
@@ -359,7 +359,7 @@ def test_initramfs_contents(lab_env: tuple[Path, L1Image]) -> None:
 
 
 def test_boot_files_agree_with_each_other() -> None:
-    init, inittab = _boot_file("init").decode(), _boot_file("inittab").decode()
+    init, inittab = _boot_file("l1/init").decode(), _boot_file("l1/inittab").decode()
     # /init installs the host key where the inittab's dropbear reads it.
     assert "/etc/vhotplug-l1/dropbear_ecdsa_host_key" in inittab
     assert "/vhotplug/dropbear_ecdsa_host_key $N/etc/vhotplug-l1/" in init
@@ -387,7 +387,7 @@ def test_changed_boot_file_rebuilds_keeping_keys(lab_env: tuple[Path, L1Image],
     old_initrd = _ident(img.initrd)
     real = nested._boot_file
     monkeypatch.setattr(nested, "_boot_file",
-                        lambda name: real(name) + (b"# changed\n" if name == "sysinit.sh" else b""))
+                        lambda name: real(name) + (b"# changed\n" if name == "l1/sysinit.sh" else b""))
     again = nested.build_l1()
     assert again.build_id != img.build_id and _ident(again.initrd) != old_initrd
     assert _members(again)["vhotplug/sysinit.sh"].data.endswith(b"# changed\n")

@@ -5,8 +5,8 @@ L1 lets passthrough be exercised on devices that are not this machine's: it owns
 managed like any remote hypervisor, over ``qemu+ssh://root@127.0.0.1:PORT/system``.
 
 L1 has no disk image. Its root is the host's ``/`` shared read-only over 9p under a tmpfs overlay,
-so it runs the host's own libvirtd, QEMU, dropbear and udevd; the boot files (``/init``, inittab,
-sysinit, qemu.conf, one udev rule) are the fixed files in ``vhotplug/lab/l1/``. The lab directory is
+so it runs the host's own libvirtd, QEMU, dropbear and udevd; the boot files (``/init``, root.sh,
+inittab, sysinit, qemu.conf, one udev rule) are the fixed files in ``vhotplug/lab/l1/``. The lab directory is
 shared a second time, read-only and uncached, at the same path: L2 guests inside L1 boot from files
 the host writes there, and L1 sees them as they are now. Files::
 
@@ -19,6 +19,9 @@ the host writes there, and L1 sees them as they are now. Files::
 
 The QEMU capability cache in L1 is not seeded: libvirtd's first probe costs a few seconds per boot,
 and a seed would have to follow every QEMU and libvirt upgrade of the host to stay correct.
+
+The machinery here (image, ssh wrapper, URI, boot and reuse) is shared with the Xen lab
+(:mod:`vhotplug.lab.xen`), whose dom0 is an L1 of another :class:`Profile`.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ import re
 import shlex
 import shutil
 import tempfile
+import threading
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from urllib.parse import quote
@@ -53,13 +58,16 @@ from vhotplug.virt.errors import translate
 FORMAT_VERSION = 1
 KIND = "l1"
 
-#: The files under vhotplug/lab/l1/ and where they go in the initramfs (/init installs the others).
+#: The files under vhotplug/lab/ (here: l1/) and where they go in the initramfs (/init installs the others).
+#: /init, shared by every L1 profile, sources /vhotplug/root.sh: the profile's own preparation of the root.
+INIT_FILE = "l1/init"
 BOOT_FILES: dict[str, tuple[str, int]] = {
-    "init": ("init", 0o755),
-    "inittab": ("vhotplug/inittab", 0o644),
-    "sysinit.sh": ("vhotplug/sysinit.sh", 0o755),
-    "qemu.conf": ("vhotplug/qemu.conf", 0o644),
-    "udev.rules": ("vhotplug/udev.rules", 0o644),
+    INIT_FILE: ("init", 0o755),
+    "l1/root.sh": ("vhotplug/root.sh", 0o644),
+    "l1/inittab": ("vhotplug/inittab", 0o644),
+    "l1/sysinit.sh": ("vhotplug/sysinit.sh", 0o755),
+    "l1/qemu.conf": ("vhotplug/qemu.conf", 0o644),
+    "l1/udev.rules": ("vhotplug/udev.rules", 0o644),
 }
 #: Loaded by /init before switch_root: L1's udev has no rules that load modules, so nothing would later.
 MODULES: tuple[str, ...] = (
@@ -101,11 +109,32 @@ POLL_INTERVAL = 0.25
 #: How long a running L1 may take to prove it is usable before ``up_l1`` replaces it.
 REUSE_SSH_SECONDS = 5.0
 REUSE_LIBVIRT_SECONDS = 15.0
+#: One attempt to reach libvirtd in L1 (an ssh login and a call; ~3 s under TCG) is given up after this.
+LIBVIRT_ATTEMPT_SECONDS = 30.0
 
 # Paths written into the wrapper script, the URI and ssh -o options. ssh splits option values at
 # whitespace and expands % and ~ in them, so only plain characters are accepted at all.
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._+/-]*$")
 _META = {"vh": METADATA_NS}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What makes one kind of L1: its boot files, the modules its initramfs loads, the host programs it runs.
+
+    ``kind`` names the image directory (``$VHOTPLUG_LAB_DIR/KIND``) and the ``vh:lab kind=`` of its domains.
+    """
+
+    kind: str
+    boot_files: Mapping[str, tuple[str, int]]
+    modules: tuple[str, ...]
+    required_modules: tuple[str, ...]
+    host_programs: Mapping[str, str]
+    format_version: int = FORMAT_VERSION
+    extra_inputs: Mapping[str, object] = field(default_factory=dict)
+
+
+L1_PROFILE = Profile(KIND, BOOT_FILES, MODULES, REQUIRED_MODULES, HOST_PROGRAMS)
 
 
 @dataclass(frozen=True)
@@ -130,10 +159,11 @@ class L1:
     state: str
     boot_seconds: float = 0.0  # start -> SSH answered (0 when an already running L1 was reused)
     libvirt_seconds: float = 0.0  # start -> libvirtd answered over ``uri``
+    kind: str = KIND
 
     def to_dict(self) -> dict[str, object]:
         return {
-            "name": self.name, "kind": KIND, "state": self.state, "uri": self.uri,
+            "name": self.name, "kind": self.kind, "state": self.state, "uri": self.uri,
             "ssh": str(self.target),
             "key": str(self.target.key) if self.target.key else None,
             "known_hosts": str(self.target.known_hosts) if self.target.known_hosts else None,
@@ -145,8 +175,13 @@ class L1:
 # paths
 
 
+def image_dir(kind: str = KIND) -> Path:
+    """Where the image of an L1 profile is built: ``$VHOTPLUG_LAB_DIR/KIND``."""
+    return manager.lab_root() / kind
+
+
 def l1_dir() -> Path:
-    return manager.lab_root() / "l1"
+    return image_dir(KIND)
 
 
 def safe_path(path: Path | str, what: str) -> str:
@@ -162,27 +197,36 @@ def safe_path(path: Path | str, what: str) -> str:
 
 
 @dataclass(frozen=True)
-class _DomainFiles:
+class DomainFiles:
+    """An L1's files on this machine, under ``$VHOTPLUG_LAB_DIR/domains/NAME`` (``lab down`` removes them)."""
+
     known_hosts: Path
     wrapper: Path
     serial_log: Path
     sata_disk: Path
 
 
-def _domain_files(name: str) -> _DomainFiles:
+def domain_files(name: str) -> DomainFiles:
     ddir = manager.domain_dir(name)
-    return _DomainFiles(ddir / "known_hosts", ddir / WRAPPER_NAME, ddir / "serial.log", ddir / "sata.img")
+    return DomainFiles(ddir / "known_hosts", ddir / WRAPPER_NAME, ddir / "serial.log", ddir / "sata.img")
 
 
-def l1_uri(port: int, *, key: Path, known_hosts: Path, wrapper: Path) -> str:
-    """The ``qemu+ssh`` URI of an L1 forwarded at ``127.0.0.1:port``.
+def ssh_uri(driver: str, port: int, *, key: Path, known_hosts: Path, wrapper: Path) -> str:
+    """The ``DRIVER+ssh`` URI of an L1 forwarded at ``127.0.0.1:port`` (``qemu`` for L1, ``xen`` for dom0).
 
     ``known_hosts=`` is not used by libvirt's ssh transport (the wrapper pins the key); it is there
     for vhotplug's own SSH login to the same host (``host list`` reads host facts over it).
     """
+    if driver not in ("qemu", "xen"):
+        raise errors.InvalidRequest(f"invalid libvirt driver {driver!r} for an L1 URI: expected qemu or xen")
     params = (("keyfile", key), ("known_hosts", known_hosts), ("command", wrapper))
     query = "&".join(f"{k}={quote(safe_path(v, k), safe='/')}" for k, v in params)
-    return f"qemu+ssh://root@{SSH_HOST}:{_check_port(port)}/system?{query}"
+    return f"{driver}+ssh://root@{SSH_HOST}:{_check_port(port)}/system?{query}"
+
+
+def l1_uri(port: int, *, key: Path, known_hosts: Path, wrapper: Path) -> str:
+    """The ``qemu+ssh`` URI of an L1 forwarded at ``127.0.0.1:port``."""
+    return ssh_uri("qemu", port, key=key, known_hosts=known_hosts, wrapper=wrapper)
 
 
 def _check_port(port: int) -> int:
@@ -241,24 +285,27 @@ def write_ssh_wrapper(path: Path, *, key: Path, known_hosts: Path, ssh: Path | s
 # the image
 
 
-def _boot_file(name: str) -> bytes:
+def _boot_file(rel: str) -> bytes:
+    """A boot file shipped with vhotplug, by its path under ``vhotplug/lab`` (``l1/init``)."""
+    directory, _, name = rel.partition("/")
     try:
-        return (resources.files("vhotplug.lab") / "l1" / name).read_bytes()
+        return (resources.files("vhotplug.lab") / directory / name).read_bytes()
     except OSError as exc:
-        raise errors.LabError(f"the L1 boot file {name} is missing from the vhotplug installation: {exc}",
+        raise errors.LabError(f"the L1 boot file {rel} is missing from the vhotplug installation: {exc}",
                               hint="reinstall vhotplug") from exc
 
 
-def _inputs(kver: str) -> dict[str, object]:
+def _inputs(kver: str, profile: Profile) -> dict[str, object]:
     """What the image is built from; the same inputs (and keys) mean the build is up to date."""
     sources = (lab_image.BOOT_DIR / f"{lab_image.KERNEL_PREFIX}{kver}",
                lab_image.MODULES_DIR / kver / "modules.dep", lab_image.BUSYBOX)
     return {
-        "format": FORMAT_VERSION,
+        "format": profile.format_version,
         "kver": kver,
-        "boot_files": {n: hashlib.sha256(_boot_file(n)).hexdigest() for n in BOOT_FILES},
-        "modules": [*MODULES, "", *REQUIRED_MODULES],
+        "boot_files": {n: hashlib.sha256(_boot_file(n)).hexdigest() for n in profile.boot_files},
+        "modules": [*profile.modules, "", *profile.required_modules],
         "sources": {str(p): lab_image._fingerprint(p) for p in sources},
+        **profile.extra_inputs,
     }
 
 
@@ -288,7 +335,7 @@ def _image_from(out: Path, stamp: dict[str, object]) -> L1Image | None:
     return L1Image(kver, kernel, initrd, host_pub, client_key, build_id)
 
 
-def _stage(staging: Path, modules: list[Path], host_key: Path, client_pub: str) -> None:
+def _stage(staging: Path, modules: list[Path], host_key: Path, client_pub: str, profile: Profile) -> None:
     """Lay out the initramfs: busybox, the modules, /init, and under /vhotplug what /init installs."""
     for d in ("proc", "sys", "dev", "lower", "rw", "newroot", "bin", "sbin", "usr/bin", "usr/sbin", "vhotplug"):
         (staging / d).mkdir(parents=True, exist_ok=True)
@@ -301,7 +348,7 @@ def _stage(staging: Path, modules: list[Path], host_key: Path, client_pub: str) 
     for dep in lab_image.elf_deps(lab_image.BUSYBOX):
         lab_image._copy_in(staging, dep, str(dep), 0o755)
 
-    for name, (dest, mode) in BOOT_FILES.items():
+    for name, (dest, mode) in profile.boot_files.items():
         (staging / dest).write_bytes(_boot_file(name))
         os.chmod(staging / dest, mode)
     lab_image._copy_in(staging, host_key, f"vhotplug/{lab_image.HOST_KEY_NAME}", 0o600)
@@ -312,15 +359,15 @@ def _stage(staging: Path, modules: list[Path], host_key: Path, client_pub: str) 
     (staging / "vhotplug/modules.order").write_text("".join(f"{p}\n" for p in loaded))
 
 
-def _check_host() -> None:
+def _check_host(profile: Profile) -> None:
     lab_image._need_file(lab_image.BUSYBOX, "busybox-static", "a static busybox")
-    for program, package in HOST_PROGRAMS.items():
+    for program, package in profile.host_programs.items():
         if not os.access(program, os.X_OK):
-            raise errors.LabError(f"the nested lab runs the host's {program} inside L1, and it is not installed",
-                                  hint=f"apt-get install {package}")
+            raise errors.LabError(f"the {profile.kind} lab runs the host's {program} inside its L1, and it is not "
+                                  "installed", hint=f"apt-get install {package}")
 
 
-def _prepare_root() -> Path:
+def prepare_root() -> Path:
     """The lab directory, created if needed and reachable by QEMU (an unprivileged user)."""
     root = manager.lab_root()
     safe_path(root, "lab directory")
@@ -338,28 +385,33 @@ def _prepare_root() -> Path:
 
 
 def build_l1(*, kver: str | None = None, force: bool = False) -> L1Image:
-    """Build (or reuse) the L1 image in ``$VHOTPLUG_LAB_DIR/l1``.
+    """Build (or reuse) the nested lab's L1 image in ``$VHOTPLUG_LAB_DIR/l1``."""
+    return build_image(L1_PROFILE, kver=kver, force=force)
+
+
+def build_image(profile: Profile, *, kver: str | None = None, force: bool = False) -> L1Image:
+    """Build (or reuse) the image of an L1 ``profile`` in ``$VHOTPLUG_LAB_DIR/KIND``.
 
     The existing image is returned untouched when its stamp matches the current inputs (unless
     ``force``). Keys are generated only when their files are missing, and kept across rebuilds.
     """
-    _prepare_root()
+    prepare_root()
     kver = kver or lab_image.default_kver()
     kernel_src = lab_image._check_kver(kver)
-    _check_host()
-    out = l1_dir()
+    _check_host(profile)
+    out = image_dir(profile.kind)
     try:
         if not out.is_dir():
             out.mkdir()
             os.chmod(out, 0o755)  # QEMU (another user) reads the kernel and initrd
         with lab_image._locked(out):
-            return _build_locked(out, kver, kernel_src, force)
+            return _build_locked(out, kver, kernel_src, force, profile)
     except OSError as exc:
-        raise errors.LabError(f"building the L1 image in {out} failed: {exc}") from exc
+        raise errors.LabError(f"building the {profile.kind} image in {out} failed: {exc}") from exc
 
 
-def _build_locked(out: Path, kver: str, kernel_src: Path, force: bool) -> L1Image:
-    inputs = _inputs(kver)
+def _build_locked(out: Path, kver: str, kernel_src: Path, force: bool, profile: Profile) -> L1Image:
+    inputs = _inputs(kver, profile)
     stamp = lab_image._read_stamp(out)
     if not force and stamp is not None and stamp.get("inputs") == inputs:
         image = _image_from(out, stamp)
@@ -368,10 +420,10 @@ def _build_locked(out: Path, kver: str, kernel_src: Path, force: bool) -> L1Imag
     lab_image._remove_leftovers(out)
     host_pub = lab_image._host_key(out)
     client_pub = lab_image._client_key(out)
-    modules = lab_image.resolve_modules(kver, MODULES, required=REQUIRED_MODULES)
+    modules = lab_image.resolve_modules(kver, profile.modules, required=profile.required_modules)
     initrd = out / INITRD_NAME
     with tempfile.TemporaryDirectory(dir=out, prefix=".staging-") as tmp:
-        _stage(Path(tmp), modules, out / lab_image.HOST_KEY_NAME, client_pub)
+        _stage(Path(tmp), modules, out / lab_image.HOST_KEY_NAME, client_pub, profile)
         lab_image._pack(Path(tmp), initrd)
     kernel = out / f"{lab_image.KERNEL_PREFIX}{kver}"
     try:
@@ -390,13 +442,13 @@ def _build_locked(out: Path, kver: str, kernel_src: Path, force: bool) -> L1Imag
     return L1Image(kver, kernel, initrd, host_pub, out / lab_image.CLIENT_KEY_NAME, build_id)
 
 
-def _planned_image() -> L1Image:
-    """The built image if there is one, else where build_l1 will put it (for XML previews)."""
+def planned_image(kind: str = KIND) -> L1Image:
+    """The built image if there is one, else where build_image will put it (for XML previews)."""
+    d = image_dir(kind)
     with contextlib.suppress(OSError, ValueError, errors.LabError):
-        stamp = lab_image._read_stamp(l1_dir())
-        if stamp is not None and (image := _image_from(l1_dir(), stamp)) is not None:
+        stamp = lab_image._read_stamp(d)
+        if stamp is not None and (image := _image_from(d, stamp)) is not None:
             return image
-    d = l1_dir()
     return L1Image("", d / "vmlinuz", d / INITRD_NAME, "", d / lab_image.CLIENT_KEY_NAME, "")
 
 
@@ -409,13 +461,55 @@ def give_mac(name: str) -> str:
     return mgmt_mac(f"{name}/e1000")
 
 
-def kernel_cmdline(mac: str, lab_dir: str) -> str:
-    return f"console=ttyS0 edd=off quiet intel_iommu=on vhotplug.mgmt_mac={mac} vhotplug.labdir={lab_dir}"
+def boot_args(name: str) -> str:
+    """What /init of L1 ``name`` reads from its kernel command line: the management NIC's MAC, the lab directory."""
+    return f"vhotplug.mgmt_mac={mgmt_mac(name)} vhotplug.labdir={safe_path(manager.lab_root(), 'lab directory')}"
 
 
-def _target(name: str, port: int, image: L1Image) -> SSHTarget:
-    files = _domain_files(name)
+def l1_target(name: str, port: int, image: L1Image) -> SSHTarget:
+    """The SSH login of L1 ``name`` forwarded at ``127.0.0.1:port``, its host key pinned in its own file."""
+    files = domain_files(name)
     return SSHTarget(SSH_HOST, _check_port(port), "root", image.client_key, files.known_hosts, source="lab metadata")
+
+
+def fill_l1_domain(root: etree._Element, name: str, port: int, image: L1Image, *, driver: str, kind: str,
+                   machine: str, build_id: str) -> None:
+    """What every L1 domain has, filled into its template ``root``.
+
+    The name, the share of the lab directory (``vhlab``), the serial log, the ``vh:guest`` metadata (the
+    SSH login and ``vh:lab kind=... uri=... image=...``) and the management NIC: user networking with SSH
+    forwarded on 127.0.0.1 only, on the QEMU command line so the host's libvirt does not list it as a
+    device (as for the lab guest). The kernel command line is the caller's (with :func:`boot_args`).
+    """
+    files = domain_files(name)
+    target = l1_target(name, port, image)
+    lab_dir = safe_path(manager.lab_root(), "lab directory")
+    uri = ssh_uri(driver, port, key=image.client_key, known_hosts=files.known_hosts, wrapper=files.wrapper)
+    mac = mgmt_mac(name)
+
+    root.find("name").text = name
+    devices = root.find("devices")
+    devices.xpath("filesystem[target/@dir=$tag]/source", tag=LAB_TAG)[0].set("dir", lab_dir)
+    devices.find("serial/source").set("path", safe_path(files.serial_log, "serial log"))
+
+    meta = metadata_element(target)
+    lab = etree.SubElement(meta, f"{{{METADATA_NS}}}lab")
+    lab.set("kind", kind)
+    lab.set("machine", machine)
+    lab.set("accel", root.get("type"))
+    lab.set("serial-log", str(files.serial_log))
+    lab.set("uri", uri)
+    if build_id:
+        lab.set("image", build_id)  # an L1 booted from another build is replaced, not reused
+    root.find("metadata").append(meta)
+
+    cmd = root.find(f"{{{QEMU_NS}}}commandline")
+    args = [
+        "-netdev", f"user,id=vhmgmt,net=10.0.2.0/24,hostfwd=tcp:{SSH_HOST}:{target.port}-:22",
+        "-device", f"virtio-net-pci,netdev=vhmgmt,mac={mac},bus=pcie.0,addr=0x1e,romfile=",
+    ]
+    for value in args:
+        etree.SubElement(cmd, f"{{{QEMU_NS}}}arg", value=value)
 
 
 def l1_xml(name: str, port: int, *, image: L1Image | None = None, memory_mib: int = MEMORY_MIB,
@@ -425,49 +519,18 @@ def l1_xml(name: str, port: int, *, image: L1Image | None = None, memory_mib: in
     ``image``: the built image (default: the one in the lab directory, or its future paths).
     """
     check_name(name)
-    image = image or _planned_image()
-    files = _domain_files(name)
-    target = _target(name, port, image)
-    lab_dir = safe_path(manager.lab_root(), "lab directory")
-    uri = l1_uri(port, key=image.client_key, known_hosts=files.known_hosts, wrapper=files.wrapper)
-
+    image = image or planned_image()
     root = templates.load("lab-l1")
-    root.find("name").text = name
     for tag in ("memory", "currentMemory"):
         root.find(tag).text = str(int(memory_mib))
     root.find("vcpu").text = str(int(vcpus))
-    os_el = root.find("os")
-    os_el.find("kernel").text = str(image.kernel)
-    os_el.find("initrd").text = str(image.initrd)
-    mac = mgmt_mac(name)
-    os_el.find("cmdline").text = kernel_cmdline(mac, lab_dir)
-
+    root.find("os/kernel").text = str(image.kernel)
+    root.find("os/initrd").text = str(image.initrd)
+    root.find("os/cmdline").text = f"console=ttyS0 edd=off quiet intel_iommu=on {boot_args(name)}"
+    fill_l1_domain(root, name, port, image, driver="qemu", kind=KIND, machine="q35", build_id=image.build_id)
     devices = root.find("devices")
     devices.find("interface/mac").set("address", give_mac(name))
-    devices.xpath("filesystem[target/@dir=$tag]/source", tag=LAB_TAG)[0].set("dir", lab_dir)
-    devices.find("serial/source").set("path", str(files.serial_log))
-    devices.find("disk/source").set("file", safe_path(files.sata_disk, "SATA disk image"))
-
-    meta = metadata_element(target)
-    lab = etree.SubElement(meta, f"{{{METADATA_NS}}}lab")
-    lab.set("kind", KIND)
-    lab.set("machine", "q35")
-    lab.set("accel", root.get("type"))
-    lab.set("serial-log", str(files.serial_log))
-    lab.set("uri", uri)
-    if image.build_id:
-        lab.set("image", image.build_id)  # up_l1 replaces an L1 booted from another build
-    root.find("metadata").append(meta)
-
-    # Management NIC: user networking with SSH forwarded on 127.0.0.1 only, on the QEMU command line
-    # so the host's libvirt does not list it as a device (as for the lab guest).
-    cmdline = root.find(f"{{{QEMU_NS}}}commandline")
-    args = [
-        "-netdev", f"user,id=vhmgmt,net=10.0.2.0/24,hostfwd=tcp:{SSH_HOST}:{target.port}-:22",
-        "-device", f"virtio-net-pci,netdev=vhmgmt,mac={mac},bus=pcie.0,addr=0x1e,romfile=",
-    ]
-    for value in args:
-        etree.SubElement(cmdline, f"{{{QEMU_NS}}}arg", value=value)
+    devices.find("disk/source").set("file", safe_path(domain_files(name).sata_disk, "SATA disk image"))
     return templates.tostring(root)
 
 
@@ -484,28 +547,28 @@ def _lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
         raise translate(exc, f"looking up domain {name!r}") from exc
 
 
-def _read_l1(dom: libvirt.virDomain) -> tuple[L1, str] | None:
-    """The L1 described by ``dom``'s metadata and the build it was booted from; None if not an L1."""
+def _read_l1(dom: libvirt.virDomain, kind: str = KIND) -> tuple[L1, str] | None:
+    """The L1 of ``kind`` described by ``dom``'s metadata and the build it was booted from; None if not one."""
     try:
         xml = dom.XMLDesc(0)
         state = manager._STATES.get(dom.state()[0], "unknown")
     except libvirt.libvirtError:
         return None  # vanished meanwhile
     root = etree.fromstring(xml.encode())
-    lab = root.xpath("//vh:guest/vh:lab[@kind=$kind]", namespaces=_META, kind=KIND)
+    lab = root.xpath("//vh:guest/vh:lab[@kind=$kind]", namespaces=_META, kind=kind)
     target = target_from_metadata(root)
     if not lab or target is None or not lab[0].get("uri"):
         return None
-    l1 = L1(dom.name(), replace(target, source="lab metadata"), lab[0].get("uri"), state)
+    l1 = L1(dom.name(), replace(target, source="lab metadata"), lab[0].get("uri"), state, kind=kind)
     return l1, lab[0].get("image", "")
 
 
-def find_l1(conn: libvirt.virConnect, name: str) -> L1 | None:
-    """The L1 named ``name`` from its domain metadata; None if there is no such domain or it is not an L1."""
+def find_l1(conn: libvirt.virConnect, name: str, *, kind: str = KIND) -> L1 | None:
+    """The L1 named ``name`` from its domain metadata; None if there is no such domain or it is not one."""
     dom = _lookup(conn, check_name(name))
     if dom is None:
         return None
-    found = _read_l1(dom)
+    found = _read_l1(dom, kind)
     return found[0] if found else None
 
 
@@ -516,29 +579,50 @@ def _active(dom: libvirt.virDomain) -> bool:
         return False
 
 
+def _ask_libvirt(uri: str) -> Exception | None:
+    """Open ``uri`` and ask for the version: None when libvirtd answered, else why not."""
+    try:
+        conn = open_connection(uri)
+    except errors.ConnectionFailed as exc:
+        return exc
+    try:
+        conn.getVersion()
+        return None
+    except libvirt.libvirtError as exc:
+        return translate(exc)
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+
+def _ask_libvirt_within(uri: str, seconds: float) -> Exception | None:
+    """:func:`_ask_libvirt`, given up after ``seconds``: a libvirtd that accepted the connection but hangs
+    (seen in a dom0 whose xenstored was missing) would block the open for ever. The abandoned attempt
+    stays blocked in its daemon thread (and its ssh process) until this process exits."""
+    result: list[Exception | None] = []
+    worker = threading.Thread(target=lambda: result.append(_ask_libvirt(uri)), daemon=True,
+                              name="vhotplug-libvirt-probe")
+    worker.start()
+    worker.join(max(seconds, 0.0))
+    if not result:
+        return errors.Timeout(f"no answer within {seconds:.0f} s")
+    return result[0]
+
+
 def wait_for_libvirt(uri: str, *, deadline: float, dom: libvirt.virDomain | None = None) -> float:
     """Poll until libvirtd answers ``getVersion`` over ``uri``; return seconds waited.
 
-    Bounded by ``deadline`` (``time.monotonic()``); with ``dom``, stop early if that domain stops.
+    Bounded by ``deadline`` (``time.monotonic()``), each attempt too; with ``dom``, stop early if that
+    domain stops.
     """
     start = time.monotonic()
     last: Exception | None = None
     while time.monotonic() < deadline:
         if dom is not None and not _active(dom):
             raise errors.LabError(f"L1 {dom.name()} stopped while waiting for its libvirtd")
-        try:
-            conn = open_connection(uri)
-        except errors.ConnectionFailed as exc:
-            last = exc
-        else:
-            try:
-                conn.getVersion()
-                return time.monotonic() - start
-            except libvirt.libvirtError as exc:
-                last = translate(exc)
-            finally:
-                with contextlib.suppress(libvirt.libvirtError):
-                    conn.close()
+        last = _ask_libvirt_within(uri, min(deadline - time.monotonic(), LIBVIRT_ATTEMPT_SECONDS))
+        if last is None:
+            return time.monotonic() - start
         time.sleep(POLL_INTERVAL)
     raise errors.Timeout(f"libvirtd in L1 did not answer over {uri} in time: {last}")
 
@@ -566,6 +650,21 @@ def _usable(l1: L1) -> bool:
     return True
 
 
+def reuse_or_remove(conn: libvirt.virConnect, name: str, *, kind: str, build_id: str) -> L1 | None:
+    """The running L1 ``name`` of ``kind`` if it was booted from ``build_id`` and answers; else remove
+    whatever lab domain has that name (a domain of that name that is not a lab domain is refused)."""
+    dom = _lookup(conn, check_name(name))
+    if dom is None:
+        return None
+    found = _read_l1(dom, kind)
+    if found is not None:
+        l1, booted_from = found
+        if l1.state == "running" and booted_from == build_id and _usable(l1):
+            return l1
+    manager.down(conn, name)  # refuses a domain that is not a lab domain
+    return None
+
+
 def up_l1(conn: libvirt.virConnect, name: str, *, timeout: float = 180.0) -> L1:
     """Boot L1 ``name`` (building what is missing) and wait until its libvirtd answers over its URI.
 
@@ -575,15 +674,14 @@ def up_l1(conn: libvirt.virConnect, name: str, *, timeout: float = 180.0) -> L1:
     """
     check_name(name)
     image = build_l1()
-    dom = _lookup(conn, name)
-    if dom is not None:
-        found = _read_l1(dom)
-        if found is not None:
-            l1, build_id = found
-            if l1.state == "running" and build_id == image.build_id and _usable(l1):
-                return l1
-        manager.down(conn, name)  # refuses a domain that is not a lab domain
-    return _boot(conn, name, image, timeout)
+    found = reuse_or_remove(conn, name, kind=KIND, build_id=image.build_id)
+    if found is not None:
+        return found
+    files = domain_files(name)
+    files.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+    write_sata_disk(files.sata_disk)
+    return boot_l1(conn, name, image, lambda port: l1_xml(name, port, image=image), driver="qemu", kind=KIND,
+                   timeout=timeout)
 
 
 #: The disk on L1's spare SATA controller: 16 MiB, one Linux partition from sector 2048 (an MBR).
@@ -605,17 +703,22 @@ def write_sata_disk(path: Path) -> None:
     os.chmod(path, 0o644)
 
 
-def _boot(conn: libvirt.virConnect, name: str, image: L1Image, timeout: float) -> L1:
-    files = _domain_files(name)
+def boot_l1(conn: libvirt.virConnect, name: str, image: L1Image, xml_for: Callable[[int], str], *, driver: str,
+            kind: str, timeout: float) -> L1:
+    """Define and start L1 ``name`` from ``xml_for(port)``, and wait until its libvirtd answers.
+
+    The SSH forward's port is chosen here (free at this moment, on loopback only); the L1's host key is
+    pinned for it in the domain's own known_hosts file, which the ssh wrapper of its URI uses.
+    """
+    files = domain_files(name)
     files.known_hosts.parent.mkdir(parents=True, exist_ok=True)
-    # The forward is chosen now, free at this moment; SSH is bound to loopback only.
-    target = _target(name, manager.free_port(), image)
-    lab_image._atomic_write(files.known_hosts, f"[{target.host}]:{target.port} {image.host_key_pub}\n".encode())
+    target = l1_target(name, manager.free_port(), image)
+    lab_image._atomic_write(files.known_hosts,
+                            manager.known_hosts_line(target.host, target.port, image.host_key_pub).encode())
     write_ssh_wrapper(files.wrapper, key=image.client_key, known_hosts=files.known_hosts)
     files.serial_log.unlink(missing_ok=True)
-    write_sata_disk(files.sata_disk)
-    xml = l1_xml(name, target.port, image=image)
-    uri = l1_uri(target.port, key=image.client_key, known_hosts=files.known_hosts, wrapper=files.wrapper)
+    xml = xml_for(target.port)
+    uri = ssh_uri(driver, target.port, key=image.client_key, known_hosts=files.known_hosts, wrapper=files.wrapper)
     try:
         dom = conn.defineXML(xml)
     except libvirt.libvirtError as exc:
@@ -640,5 +743,4 @@ def _boot(conn: libvirt.virConnect, name: str, image: L1Image, timeout: float) -
             f"({files.serial_log}):\n{manager.serial_tail(files.serial_log)}",
             hint="the domain was stopped and left defined; `vhotplug lab down` removes it",
         ) from exc
-    return L1(name, target, uri, "running", boot_seconds=booted, libvirt_seconds=ready)
-
+    return L1(name, target, uri, "running", boot_seconds=booted, libvirt_seconds=ready, kind=kind)
