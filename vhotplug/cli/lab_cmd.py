@@ -54,18 +54,25 @@ def up(
     nested: Annotated[bool, typer.Option("--nested", help="Boot L1 instead: a hypervisor guest with a virtual "
                                          "Intel IOMMU and its own libvirtd, devices to pass through (an e1000, a "
                                          "USB tablet), reached over qemu+ssh (its URI is printed).")] = False,
+    xen: Annotated[bool, typer.Option("--xen", help="Boot the Xen lab instead: Xen and its dom0 (libvirtd with "
+                                      "the Xen driver, a spare e1000e to pass through), reached over xen+ssh "
+                                      "(its URI is printed); -c URI lab up then boots a PV lab guest in it.")]
+    = False,
 ) -> None:
     """Define and boot the lab domain, wait until its SSH answers, print the boot time.
 
     Idempotent: a running lab domain that answers is left as it is; a stale one is
     replaced. How to reach the guest is recorded in the domain's <metadata>, so
     every vhotplug command finds it. With -c pointing at an L1's URI, the lab guest
-    (L2) is defined inside L1 and reached through L1 as a jump host.
+    (L2) is defined inside L1 and reached through L1 as a jump host; at the Xen lab's
+    URI it is a Xen PV domU, reached through dom0.
     """
     from vhotplug.lab import manager  # the lab's machinery only for lab commands
 
-    if nested:
-        _up_l1(ctx, L1_DEFAULT_NAME if name == DEFAULT_NAME else name, timeout=timeout)
+    if nested and xen:
+        raise errors.InvalidRequest("--nested and --xen boot different labs: choose one")
+    if nested or xen:
+        _up_l1(ctx, name, timeout=timeout, xen=xen)
         return
     m, a = _machine(machine), _accel(accel)
     if print_xml:
@@ -88,20 +95,25 @@ def up(
 L1_DEFAULT_NAME = "vhotplug-l1"
 
 
-def _up_l1(ctx: typer.Context, name: str, *, timeout: float) -> None:
+def _up_l1(ctx: typer.Context, name: str, *, timeout: float, xen: bool) -> None:
+    """The nested lab's L1, or the Xen lab (Xen + dom0, an L1 of another profile)."""
     from vhotplug.lab import nested
+    from vhotplug.lab import xen as xen_lab
 
+    if name == DEFAULT_NAME:
+        name = xen_lab.DEFAULT_NAME if xen else L1_DEFAULT_NAME
     with connection(state(ctx).uri) as conn:
-        l1 = nested.up_l1(conn, name, timeout=timeout)
+        l1 = xen_lab.up_xen(conn, name, timeout=timeout) if xen else nested.up_l1(conn, name, timeout=timeout)
+    what, shape = ("Xen lab", "Xen 4.17 + dom0, q35, TCG") if xen else ("L1", "q35, virtual Intel IOMMU, TCG")
     if state(ctx).output is OutputFormat.json:
         output.json_out(l1.to_dict())
         return
     if l1.boot_seconds:
-        typer.echo(f"L1 {l1.name} booted to SSH in {l1.boot_seconds:.1f} s, its libvirtd answered after "
-                   f"{l1.libvirt_seconds:.1f} s (q35, virtual Intel IOMMU, TCG)")
+        typer.echo(f"{what} {l1.name} booted to SSH in {l1.boot_seconds:.1f} s, its libvirtd answered after "
+                   f"{l1.libvirt_seconds:.1f} s ({shape})")
     else:
-        typer.echo(f"L1 {l1.name} already running")
-    typer.echo(f"libvirt in L1: -c '{l1.uri}'")
+        typer.echo(f"{what} {l1.name} already running")
+    typer.echo(f"libvirt in {'dom0' if xen else 'L1'}: -c '{l1.uri}'")
 
 
 @app.command()
