@@ -7,7 +7,7 @@ VHOTPLUG  := $(VENV)/bin/vhotplug
 LAB_NAME  ?= vhotplug-lab
 PYTEST_ARGS ?=
 
-.PHONY: setup lab demo demo-passthrough test test-unit test-lab test-nested lint bench lab-down stop-daemons clean
+.PHONY: setup lab demo demo-passthrough test test-unit test-lab test-nested test-xen lint bench lab-down stop-daemons clean
 
 setup:
 	bash scripts/setup-host.sh
@@ -37,6 +37,10 @@ test-lab: setup
 
 test-nested: setup
 	$(VENV)/bin/pytest tests/nested $(PYTEST_ARGS)
+
+# Xen 4.17 + dom0 (libvirt's Xen driver) as one TCG domain, a PV lab guest inside it (see "The Xen lab").
+test-xen: setup
+	$(VENV)/bin/pytest tests/xen $(PYTEST_ARGS)
 
 # Not a test: 20 NIC cycles on the lab, vhotplug vs. a virsh + ssh loop (see bench/nic_cycle.py).
 bench: setup
