@@ -207,7 +207,9 @@ def _pci_row(name: str, f: DomainFacts, config: DomainFacts | None) -> Row:
 def _vcpu_row(name: str, f: DomainFacts, config: DomainFacts | None, cap: int | None = None) -> Row:
     top = min(f.vcpus_max, cap) if cap is not None else f.vcpus_max
     room = top - f.vcpus_current
-    facts = {"current": f.vcpus_current, "max": f.vcpus_max, "room": room, "host_cap": cap}
+    facts: dict[str, Any] = {"current": f.vcpus_current, "max": f.vcpus_max, "room": room}
+    if cap is not None:
+        facts["host_cap"] = cap
     detail = f"{f.vcpus_current}/{f.vcpus_max} vCPUs"
     if top < f.vcpus_max:
         detail += f", at most {cap} while running (the host's CPUs)"
