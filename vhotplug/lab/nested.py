@@ -61,9 +61,12 @@ KIND = "l1"
 #: The files under vhotplug/lab/ (here: l1/) and where they go in the initramfs (/init installs the others).
 #: /init, shared by every L1 profile, sources /vhotplug/root.sh: the profile's own preparation of the root.
 INIT_FILE = "l1/init"
+#: Sourced by every profile's sysinit.sh: the log line, /dev/pts, /dev/shm, the /dev/fd links, cgroup2.
+BASE_FILE = "l1/base.sh"
 BOOT_FILES: dict[str, tuple[str, int]] = {
     INIT_FILE: ("init", 0o755),
     "l1/root.sh": ("vhotplug/root.sh", 0o644),
+    BASE_FILE: ("vhotplug/base.sh", 0o644),
     "l1/inittab": ("vhotplug/inittab", 0o644),
     "l1/sysinit.sh": ("vhotplug/sysinit.sh", 0o755),
     "l1/qemu.conf": ("vhotplug/qemu.conf", 0o644),

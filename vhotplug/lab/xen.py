@@ -70,6 +70,7 @@ E1000E_NODEDEV = "pci_0000_01_00_0"
 #: The Xen lab's dom0: the nested lab's /init with a root.sh, inittab and sysinit of its own.
 BOOT_FILES: dict[str, tuple[str, int]] = {
     nested.INIT_FILE: ("init", 0o755),
+    nested.BASE_FILE: ("vhotplug/base.sh", 0o644),
     "dom0/root.sh": ("vhotplug/root.sh", 0o644),
     "dom0/inittab": ("vhotplug/inittab", 0o644),
     "dom0/sysinit.sh": ("vhotplug/sysinit.sh", 0o755),

@@ -1,16 +1,7 @@
 #!/bin/sh
 # dom0 sysinit: run by busybox init after switch_root. The Xen control plane comes up before the
 # daemons (libvirtd's Xen driver needs xenstored).
-log() { echo "vhotplug-l1: $(cut -d' ' -f1 /proc/uptime) $*" >/dev/console; }
-mkdir -p /dev/pts /dev/shm
-mount -t devpts -o nosuid,noexec,gid=5,mode=620,ptmxmode=666 devpts /dev/pts
-mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /dev/shm
-# devtmpfs makes none of these: without /dev/fd Xen's block hotplug script waits 40 s for nothing.
-ln -sf /proc/self/fd /dev/fd
-ln -sf /proc/self/fd/0 /dev/stdin
-ln -sf /proc/self/fd/1 /dev/stdout
-ln -sf /proc/self/fd/2 /dev/stderr
-mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sys/fs/cgroup || log "cgroup2 mount failed"
+. /etc/vhotplug-l1/base.sh
 # Xen's backends, the bridge and loop devices for domU disks.
 for m in xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xen-blkback xen-netback xen-pciback \
          loop bridge tun; do
