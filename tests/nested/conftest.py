@@ -9,23 +9,21 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from collections.abc import Iterator
 
 import libvirt
 import pytest
 
-from tests.support import Reporter, remove_stale_labs
-from vhotplug.lab import manager, nested
+from tests.support import Reporter, Suite, opened, remove_stale_labs, session_l1
+from vhotplug.lab import nested
 from vhotplug.lab.nested import L1
-from vhotplug.virt.connection import connection, open_connection
 
 URI = os.environ.get("VHOTPLUG_TEST_URI", "qemu:///system")
 _TEST_L1 = re.compile(r"^vhn-l1-(\d+)$")
 _TIMES = Reporter("nested lab times")
 
 
-_SPAN: list[float] = []  # monotonic times of the first nested test's start and the last one's end
+_SUITE = Suite("tests/nested/")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -34,19 +32,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  # type: ignore[no-untyped-def]
-    nested = "tests/nested/" in str(item.fspath)
-    if nested and not _SPAN:
-        _SPAN.append(time.monotonic())
+    _SUITE.started(item)
     yield
-    if nested:
-        del _SPAN[1:]
-        _SPAN.append(time.monotonic())  # after teardown: L2 and L1 removal count too
+    _SUITE.ended(item)  # after teardown: L2 and L1 removal count too
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if "tests/nested/" in str(item.fspath):
-            item.add_marker(pytest.mark.nested)
+    _SUITE.mark(items, pytest.mark.nested)
 
 
 #: Show a line now (past pytest's capture) and again in the final summary.
@@ -55,9 +47,8 @@ report = _TIMES.report
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     total = []
-    if len(_SPAN) == 2:
-        total.append(f"the whole nested job (L1 + L2 boot, every scenario, teardown): "
-                     f"{_SPAN[1] - _SPAN[0]:.0f} s (bound: 15 min)")
+    if (took := _SUITE.seconds()) is not None:
+        total.append(f"the whole nested job (L1 + L2 boot, every scenario, teardown): {took:.0f} s (bound: 15 min)")
     _TIMES.summary(terminalreporter, *total)
 
 
@@ -68,31 +59,18 @@ def remove_stale_l1s(conn: libvirt.virConnect) -> list[str]:
 
 @pytest.fixture(scope="session")
 def l1(request: pytest.FixtureRequest) -> Iterator[L1]:
-    name = f"vhn-l1-{os.getpid()}"
-    with connection(URI) as conn:
-        stale = remove_stale_l1s(conn)
-    if stale:
-        report(request.config, f"\nremoved L1 domains left by killed test runs: {', '.join(stale)}")
-    try:
-        with connection(URI) as conn:
-            booted = nested.up_l1(conn, name, timeout=300)
-        report(request.config, f"\nL1 {name}: SSH after {booted.boot_seconds:.1f} s, libvirtd answered after "
-                               f"{booted.libvirt_seconds:.1f} s (q35 + intel IOMMU, TCG)")
+    with session_l1(request.config, _TIMES, URI, f"vhn-l1-{os.getpid()}", stale=remove_stale_l1s,
+                    up=lambda conn, name: nested.up_l1(conn, name, timeout=300),
+                    describe=lambda b: f"L1 {b.name}: SSH after {b.boot_seconds:.1f} s, libvirtd answered after "
+                                       f"{b.libvirt_seconds:.1f} s (q35 + intel IOMMU, TCG)") as booted:
         yield booted
-    finally:
-        with connection(URI) as conn:
-            manager.down(conn, name)
 
 
 @pytest.fixture
 def host_conn() -> Iterator[libvirt.virConnect]:
-    c = open_connection(URI)
-    yield c
-    c.close()
+    yield from opened(URI)
 
 
 @pytest.fixture
 def l1_conn(l1: L1) -> Iterator[libvirt.virConnect]:
-    c = open_connection(l1.uri)
-    yield c
-    c.close()
+    yield from opened(l1.uri)

@@ -19,8 +19,9 @@ import libvirt
 import pytest
 from lxml import etree
 
+from tests.unit.conftest import DOMAIN_RNG, NS, fake_l1_image
 from vhotplug import errors
-from vhotplug.guest.target import METADATA_NS, target_from_metadata
+from vhotplug.guest.target import target_from_metadata
 from vhotplug.host.facts import ssh_target_from_uri
 from vhotplug.lab import image, manager, nested
 from vhotplug.lab.domain import LabSpec, build_domain_xml, mgmt_mac
@@ -29,21 +30,10 @@ from vhotplug.lab.nested import L1Image
 
 NAME = "vhn-t-unit"
 PORT = 40022
-NS = {"vh": METADATA_NS, "qemu": "http://libvirt.org/schemas/domain/qemu/1.0"}
-DOMAIN_RNG = Path("/usr/share/libvirt/schemas/domain.rng")
-
-
-@pytest.fixture
-def lab_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "lab"
-    monkeypatch.setenv("VHOTPLUG_LAB_DIR", str(root))
-    return root
 
 
 def _image(lab: Path) -> L1Image:
-    d = lab / "l1"
-    return L1Image("6.1.0-test", d / "vmlinuz-6.1.0-test", d / "initrd.img", "ecdsa-sha2-nistp256 AAAAtest",
-                   d / "id_lab", "0123456789abcdef")
+    return fake_l1_image(lab, "l1")
 
 
 def _xml(lab: Path) -> etree._Element:

@@ -18,8 +18,9 @@ import libvirt
 import pytest
 from lxml import etree
 
+from tests.unit.conftest import DOMAIN_RNG, NS, fake_l1_image
 from vhotplug import errors
-from vhotplug.guest.target import METADATA_NS, SSHTarget, target_from_metadata
+from vhotplug.guest.target import SSHTarget, target_from_metadata
 from vhotplug.lab import image, manager, nested, xen, xenpv
 from vhotplug.lab.domain import LabSpec, build_domain_xml, mgmt_mac
 from vhotplug.lab.image import read_cpio
@@ -27,21 +28,10 @@ from vhotplug.lab.nested import L1, L1Image
 
 NAME = "vhx-t-unit"
 PORT = 40122
-NS = {"vh": METADATA_NS, "qemu": "http://libvirt.org/schemas/domain/qemu/1.0"}
-DOMAIN_RNG = Path("/usr/share/libvirt/schemas/domain.rng")
-
-
-@pytest.fixture
-def lab_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "lab"
-    monkeypatch.setenv("VHOTPLUG_LAB_DIR", str(root))
-    return root
 
 
 def _image(lab: Path) -> L1Image:
-    d = lab / "xen"
-    return L1Image("6.1.0-test", d / "vmlinuz-6.1.0-test", d / "initrd.img", "ecdsa-sha2-nistp256 AAAAtest",
-                   d / "id_lab", "0123456789abcdef")
+    return fake_l1_image(lab, "xen")
 
 
 def _tree(lab: Path) -> xen.XenTree:
@@ -407,14 +397,16 @@ def test_dom0_boot_files_agree_with_the_python_side() -> None:
     assert f"ip addr add {xenpv.GATEWAY}/{xenpv.NETWORK.prefixlen} dev {xenpv.BRIDGE}" in sysinit
     assert "echo 0 >/proc/sys/net/ipv4/ip_forward" in sysinit  # domUs reach dom0 only
     assert f"--log=guest --log-dir={xenpv.CONSOLE_LOG_DIR}" in sysinit
-    assert "modprobe e1000e" in sysinit and "ln -sf /proc/self/fd /dev/fd" in sysinit
+    assert "modprobe e1000e" in sysinit and sysinit.index(". /etc/vhotplug-l1/base.sh") < sysinit.index("$X/")
+    assert "ln -sf /proc/self/fd /dev/fd" in _shipped(nested.BASE_FILE)  # Xen's block hotplug script needs it
     assert "xen-[0-9]*/bin" in sysinit  # not /usr/lib/xen-common/bin
     for daemon in ("xenstored", "xen-init-dom0", "xenconsoled"):
         assert f'"$X/{daemon}"' in sysinit
     assert sysinit.index("xenstored") < sysinit.index("xen-init-dom0") < sysinit.index("xenconsoled")
     assert "/usr/sbin/libvirtd" in inittab and "/etc/vhotplug-l1/dropbear_ecdsa_host_key" in inittab
     assert "libvirt_driver_qemu.so" in root_sh and str(xenpv.CONSOLE_LOG_DIR) in root_sh
-    assert set(xen.BOOT_FILES) == {nested.INIT_FILE, "dom0/root.sh", "dom0/inittab", "dom0/sysinit.sh"}
+    assert set(xen.BOOT_FILES) == {nested.INIT_FILE, nested.BASE_FILE, "dom0/root.sh", "dom0/inittab",
+                                   "dom0/sysinit.sh"}
     assert {dest for dest, _ in xen.BOOT_FILES.values()} == {dest for dest, _ in nested.BOOT_FILES.values()
                                                               if dest != "vhotplug/qemu.conf"
                                                               and dest != "vhotplug/udev.rules"}

@@ -11,24 +11,23 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import libvirt
 import pytest
 
-from tests.support import Reporter, alive, remove_stale_labs
+from tests.support import Reporter, Suite, alive, opened, remove_stale_labs, session_l1
 from vhotplug.lab import manager, xen
 from vhotplug.lab.manager import LabDomain
 from vhotplug.lab.nested import L1
-from vhotplug.virt.connection import connection, open_connection
+from vhotplug.virt.connection import connection
 
 URI = os.environ.get("VHOTPLUG_TEST_URI", "qemu:///system")
 _TEST_XEN = re.compile(r"^vhx-xen-(\d+)$")
 _TEST_DOMU = re.compile(r"^vhx-pv-(\d+)$")
 _TIMES = Reporter("Xen lab times")
-_SPAN: list[float] = []  # monotonic times of the first Xen test's start and the last one's end
+_SUITE = Suite("tests/xen/")
 
 
 @dataclass(frozen=True)
@@ -46,20 +45,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if "tests/xen/" in str(item.fspath):
-            item.add_marker(pytest.mark.xen)
+    _SUITE.mark(items, pytest.mark.xen)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  # type: ignore[no-untyped-def]
-    mine = "tests/xen/" in str(item.fspath)
-    if mine and not _SPAN:
-        _SPAN.append(time.monotonic())
+    _SUITE.started(item)
     yield
-    if mine:
-        del _SPAN[1:]
-        _SPAN.append(time.monotonic())  # after teardown: the domU's and the Xen lab's removal count too
+    _SUITE.ended(item)  # after teardown: the domU's and the Xen lab's removal count too
 
 
 #: Show a line now (past pytest's capture) and again in the final summary.
@@ -67,8 +60,9 @@ report = _TIMES.report
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    total = [f"the whole Xen job (boots, every test, teardown): {_SPAN[1] - _SPAN[0]:.0f} s"] if len(_SPAN) == 2 else []
-    _TIMES.summary(terminalreporter, *total)
+    took = _SUITE.seconds()
+    _TIMES.summary(terminalreporter, *([f"the whole Xen job (boots, every test, teardown): {took:.0f} s"]
+                                       if took is not None else []))
 
 
 def remove_stale_xen_labs(conn: libvirt.virConnect) -> list[str]:
@@ -88,20 +82,11 @@ def remove_stale_xen_labs(conn: libvirt.virConnect) -> list[str]:
 @pytest.fixture(scope="session")
 def xen_lab(request: pytest.FixtureRequest) -> Iterator[L1]:
     """The Xen lab (Xen + dom0) booted with ``lab up --xen``'s code; its ``uri`` is libvirt in dom0."""
-    name = f"vhx-xen-{os.getpid()}"
-    with connection(URI) as conn:
-        stale = remove_stale_xen_labs(conn)
-    if stale:
-        report(request.config, f"\nremoved Xen labs left by killed test runs: {', '.join(stale)}")
-    try:
-        with connection(URI) as conn:
-            booted = xen.up_xen(conn, name, timeout=300)
-        report(request.config, f"\nXen lab {name}: dom0 SSH after {booted.boot_seconds:.1f} s, libvirtd (Xen driver) "
-                               f"answered after {booted.libvirt_seconds:.1f} s")
+    with session_l1(request.config, _TIMES, URI, f"vhx-xen-{os.getpid()}", stale=remove_stale_xen_labs,
+                    up=lambda conn, name: xen.up_xen(conn, name, timeout=300),
+                    describe=lambda b: f"Xen lab {b.name}: dom0 SSH after {b.boot_seconds:.1f} s, libvirtd "
+                                       f"(Xen driver) answered after {b.libvirt_seconds:.1f} s") as booted:
         yield booted
-    finally:
-        with connection(URI) as conn:
-            manager.down(conn, name)
 
 
 @pytest.fixture(scope="session")
@@ -121,13 +106,9 @@ def xen_guest(xen_lab: L1, request: pytest.FixtureRequest) -> Iterator[XenGuest]
 
 @pytest.fixture
 def host_conn() -> Iterator[libvirt.virConnect]:
-    c = open_connection(URI)
-    yield c
-    c.close()
+    yield from opened(URI)
 
 
 @pytest.fixture
 def xen_conn(xen_lab: L1) -> Iterator[libvirt.virConnect]:
-    c = open_connection(xen_lab.uri)
-    yield c
-    c.close()
+    yield from opened(xen_lab.uri)
