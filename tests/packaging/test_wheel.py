@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 from tests.conftest import REPO
+from vhotplug.lab import nested, xen
 
 
 def test_wheel_ships_templates_and_they_are_used(tmp_path: Path):
@@ -20,6 +21,9 @@ def test_wheel_ships_templates_and_they_are_used(tmp_path: Path):
     shipped = {Path(n).name for n in names if n.startswith("vhotplug/xml_templates/")}
     expected = {p.name for p in (REPO / "xml_templates").glob("*.xml")}
     assert expected and shipped == expected
+    # The boot files of the lab's hypervisor guests (the nested lab's L1, the Xen lab's dom0) are data files.
+    boot = {n.removeprefix("vhotplug/lab/") for n in names if n.startswith("vhotplug/lab/")}
+    assert set(nested.BOOT_FILES) | set(xen.BOOT_FILES) <= boot
 
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
