@@ -438,3 +438,21 @@ def test_driver_read_while_the_link_is_missing_is_read_again():
     conn.rec.fail_names["nodedev.xml"] = libvirt_error("gone for good")
     with pytest.raises(errors.LibvirtFailure, match="gone for good"):
         nodedev.current_driver(dev)  # bounded: gives up after DRIVER_SETTLE
+
+
+def test_domain_stopping_during_the_rollback_is_not_a_failed_rollback(hostroot, monkeypatch):
+    """Destroyed between the rollback's "is it running" and its detach: the device went with the domain, so
+    the undo continues (host reattach) instead of ending in exit 15 (seen with the nested lab's L2)."""
+    conn, dev, dom = setup_flow(hostroot, monkeypatch)
+    conn.rec.fail_names["guest.verify"] = errors.Timeout("injected: the guest never showed it")
+
+    def destroyed_meanwhile(alias: str, flags: int) -> None:
+        dom.running = False
+        raise libvirt_error("Requested operation is not valid: domain is not running",
+                            libvirt.VIR_ERR_OPERATION_INVALID)
+
+    monkeypatch.setattr(dom, "detachDeviceAlias", destroyed_meanwhile)
+    with pytest.raises(errors.Timeout) as info:
+        run_attach(conn, dom, hostroot)
+    assert "back on the host" in info.value.message
+    assert dev.driver == "e1000e" and journal.entries() == []

@@ -117,12 +117,13 @@ def usb(
     (exit 14; --force overrides only host use).
     """
     from vhotplug.host import nodedev
-    from vhotplug.ops.passthrough import facts_root_for, plan_usb
+    from vhotplug.ops.passthrough import check_usb_supported, facts_root_for, plan_usb
 
     st = state(ctx)
     spec = parse_usb_spec(device)
     with connection(st.uri) as conn:
         dom = lookup_domain(conn, domain)
+        check_usb_supported(conn)
         affect = resolve_affect(dom, live=live, config=config, current=current, persistent=persistent)
         facts = facts_root_for(conn)
         if print_xml:

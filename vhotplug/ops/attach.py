@@ -93,6 +93,14 @@ def attach_device(conn: libvirt.virConnect, dom: libvirt.virDomain, device: etre
                          max(0.0, seen_after), verified, live)
 
 
+def running(dom: libvirt.virDomain) -> bool:
+    """Whether the domain runs now (False too when it vanished)."""
+    try:
+        return bool(dom.isActive())
+    except libvirt.libvirtError:
+        return False
+
+
 #: A rollback waits at least this long for the guest to let go: a short --timeout was for seeing the device.
 ROLLBACK_TIMEOUT = 30.0
 
@@ -103,6 +111,8 @@ def _roll_back(conn: libvirt.virConnect, dom: libvirt.virDomain, alias: str, fla
         if flags & libvirt.VIR_DOMAIN_AFFECT_CONFIG:
             remove_from_config(conn, dom, alias)
     except (errors.VhotplugError, libvirt.libvirtError) as exc:
+        if flags == libvirt.VIR_DOMAIN_AFFECT_LIVE and not running(dom):
+            return  # the domain stopped meanwhile (destroyed, crashed): the device went with it
         raise errors.VhotplugError(
             f"the guest did not show {alias} and rolling it back failed too: {exc}",
             hint=f"the device may still be attached: `vhotplug detach DOMAIN {alias}`",

@@ -38,7 +38,7 @@ from vhotplug.host.facts import HostFacts, facts_for_uri
 from vhotplug.host.inventory import NodeDev, parse_nodedev_xml
 from vhotplug.host.sysfs import Sysfs
 from vhotplug.host.usage import GroupMember, domain_assignments
-from vhotplug.ops.attach import ROLLBACK_TIMEOUT, AttachOutcome, attach_device
+from vhotplug.ops.attach import ROLLBACK_TIMEOUT, AttachOutcome, attach_device, running
 from vhotplug.ops.detach import DetachOutcome, detach_device, detach_live, is_attached, remove_from_config
 from vhotplug.virt.connection import domain_xml
 from vhotplug.virt.devices import source_bdf, used_names
@@ -165,14 +165,19 @@ def check_xen_pci_guest(dom: libvirt.virDomain, flavor: Flavor, *, live: bool) -
             hint=f"vhotplug prepare {dom.name()} --xen-passthrough, then stop and start the domain")
 
 
-def plan_usb(conn: libvirt.virConnect, dom: libvirt.virDomain, spec: UsbSpec, *, id: str | None, force: bool,
-             facts_root: Path | None, check: bool = True, facts_note: str | None = None) -> HostdevPlan:
-    """Find the one USB device ``spec`` names and check it; raise (nothing changed) when it may not go."""
+def check_usb_supported(conn: libvirt.virConnect) -> None:
+    """Refuse USB passthrough where the driver has none vhotplug can use (Xen), before looking for the device."""
     flavor = flavor_of(conn)
     if not flavor.usb_hostdev:
         raise flavor.unsupported("pass a host USB device through with vhotplug: libvirt's libxl driver needs a "
                                  "pvusb controller in the guest, which it does not hot-plug",
                                  hint="give the guest a PCI USB controller with `attach pci` instead")
+
+
+def plan_usb(conn: libvirt.virConnect, dom: libvirt.virDomain, spec: UsbSpec, *, id: str | None, force: bool,
+             facts_root: Path | None, check: bool = True, facts_note: str | None = None) -> HostdevPlan:
+    """Find the one USB device ``spec`` names and check it; raise (nothing changed) when it may not go."""
+    check_usb_supported(conn)
     node = nodedev.find_usb(conn, spec)
     address = f"{node.bus or 0:03d}.{node.device or 0:03d}"
     label = f"USB device {address} [{node.vendor_id or 0:04x}:{node.product_id or 0:04x}]"
@@ -280,11 +285,13 @@ def _take_from_guest(conn: libvirt.virConnect, dom: libvirt.virDomain, alias: st
             detach_live(conn, dom, alias, timeout=timeout)
         if flags & libvirt.VIR_DOMAIN_AFFECT_CONFIG and dom.isPersistent() and is_attached(dom, alias, inactive=True):
             remove_from_config(conn, dom, alias)
-    except libvirt.libvirtError as exc:
-        return [f"detaching {alias} from {dom.name()}: {translate(exc)}"]
-    except errors.VhotplugError as exc:
-        return [f"detaching {alias} from {dom.name()}: {exc}"]
+    except (libvirt.libvirtError, errors.VhotplugError) as exc:
+        if flags == libvirt.VIR_DOMAIN_AFFECT_LIVE and not running(dom):
+            return []  # the domain stopped meanwhile (destroyed, crashed): the device went with it
+        err = translate(exc) if isinstance(exc, libvirt.libvirtError) else exc
+        return [f"detaching {alias} from {dom.name()}: {err}"]
     return []
+
 
 
 def _give_back_to_host(conn: libvirt.virConnect, dev: libvirt.virNodeDevice) -> list[str]:
