@@ -30,6 +30,12 @@ if ((${#missing[@]})); then
 else
     log "Debian packages present"
 fi
+# The Xen lab fetches (never installs) Xen's packages with apt-get download: it needs package lists.
+if ! apt-cache policy xen-hypervisor-4.17-amd64 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+    [[ $(id -u) == 0 ]] || { echo "setup: need root to run apt-get update (for the Xen lab's packages)" >&2; exit 1; }
+    log "package lists lack Xen 4.17: apt-get update"
+    apt-get update -q
+fi
 
 stamp=$VENV/.vhotplug-installed
 if [[ ! -x $VENV/bin/python || ! -f $stamp || $here/pyproject.toml -nt $stamp ]]; then
