@@ -6,13 +6,10 @@
 # handed back -> a USB device the same way. L1 and L2 stay up at the end (`make lab-down`-style commands
 # are printed).
 set -euo pipefail
-here=$(cd "$(dirname "$0")/.." && pwd)
-vh=$here/.venv/bin/vhotplug
+source "$(dirname "$0")/demo-lib.sh"
 l1=${L1_NAME:-vhotplug-l1}
 l2=${L2_NAME:-vhotplug-l2}
 
-step() { printf '\n\033[1m$ %s\033[0m\n' "${*#"$here/.venv/bin/"}"; "$@"; }
-json() { "$here/.venv/bin/python" -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 
 step "$vh" lab build
 step "$vh" lab up --nested --name "$l1"

@@ -5,13 +5,10 @@
 # after. Both stay up at the end (the commands that remove them are printed). As with virsh, the URI is given
 # once, in LIBVIRT_DEFAULT_URI; the Xen lab itself is a domain of this machine's libvirt (-c qemu:///system).
 set -euo pipefail
-here=$(cd "$(dirname "$0")/.." && pwd)
-vh=$here/.venv/bin/vhotplug
+source "$(dirname "$0")/demo-lib.sh"
 xen=${XEN_NAME:-vhotplug-xen}
 domu=${DOMU_NAME:-vhotplug-xenpv}
 
-step() { printf '\n\033[1m$ %s\033[0m\n' "${*#"$here/.venv/bin/"}"; "$@"; }
-json() { "$here/.venv/bin/python" -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 here_uri=qemu:///system
 view='echo "hypervisor: $(cat /sys/hypervisor/type)"; echo "PCI: $(ls /sys/bus/pci/devices)";
   for d in /sys/bus/pci/devices/*; do [ -e $d/vendor ] && echo "  ${d##*/} $(cut -c3- $d/vendor):$(cut -c3- $d/device) driver=$(basename $(readlink $d/driver)) net=$(ls $d/net 2>/dev/null)"; done;

@@ -5,13 +5,11 @@
 # Every run boots the lab afresh, so it starts from the same state (an earlier vCPU unplug that QEMU never
 # confirmed would otherwise leave it unfit for DIMMs).
 set -euo pipefail
-here=$(cd "$(dirname "$0")/.." && pwd)
-vh=$here/.venv/bin/vhotplug
+source "$(dirname "$0")/demo-lib.sh"
 name=${1:-vhotplug-lab}
 images=/var/lib/vhotplug/demo-images
 ids=(demonic demovirtio demoscsi demousb)
 
-step() { printf '\n\033[1m$ %s\033[0m\n' "${*#"$here/.venv/bin/"}"; "$@"; }
 
 step "$vh" lab build
 "$vh" lab down --name "$name" >/dev/null
