@@ -153,6 +153,7 @@ def test_inventory_merges_sysfs_and_domains(fixture_host):
     assert match_usb(parse_usb_spec("host:0781:5567"), [d.as_usb_device() for d in inv.devices
                                                        if d.kind == "usb"]).nodedev == "usb_2_1"
     assert inv.iommu is not None and inv.iommu.present and inv.facts_root == root
+    assert inv.to_dict()["host_facts"] == "snapshot"  # a copy, not this machine's live tree (no temp path shown)
 
 
 def test_inventory_without_host_facts_is_marked_unchecked():

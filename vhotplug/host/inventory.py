@@ -266,7 +266,9 @@ class HostInventory:
     def to_dict(self) -> dict[str, object]:
         return {
             "uri": self.uri,
-            "host_facts": str(self.facts_root) if self.facts_root is not None else None,
+            # Where host use was read: "local" (this machine's /), "snapshot" (a copy, taken over SSH for a
+            # remote host and gone when the command ends), or None (not read).
+            "host_facts": None if self.facts_root is None else "local" if str(self.facts_root) == "/" else "snapshot",
             "iommu": self.iommu.to_dict() if self.iommu else None,
             "devices": [d.to_dict() for d in self.devices],
         }
