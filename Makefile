@@ -7,7 +7,7 @@ VHOTPLUG  := $(VENV)/bin/vhotplug
 LAB_NAME  ?= vhotplug-lab
 PYTEST_ARGS ?=
 
-.PHONY: setup lab demo demo-passthrough demo-xen test test-unit test-lab test-nested test-xen lint bench lab-down stop-daemons clean
+.PHONY: setup lab demo demo-passthrough demo-xen test test-unit test-lab test-nested test-xen lint bench bench-xen lab-down stop-daemons clean
 
 setup:
 	bash scripts/setup-host.sh
@@ -50,6 +50,10 @@ test-xen: setup
 # Not a test: 20 NIC cycles on the lab, vhotplug vs. a virsh + ssh loop (see bench/nic_cycle.py).
 bench: setup
 	$(PY) bench/nic_cycle.py --cycles 20
+
+# The same on Xen: netfront NICs into the Xen lab's PV guest over xen+ssh, the guest behind dom0.
+bench-xen: setup
+	$(PY) bench/nic_cycle.py --xen --cycles 10
 
 lab-down:
 	$(VHOTPLUG) lab down --name $(LAB_NAME)
