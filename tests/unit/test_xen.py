@@ -15,7 +15,7 @@ import pytest
 from lxml import etree
 
 from tests.conftest import GOLDEN, golden
-from tests.unit.fakevirt import FakeConnection, FakeDomain
+from tests.unit.fakevirt import FakeConnection, FakeDomain, libvirt_error
 from tests.unit.test_host_usage import build_host
 from tests.unit.test_passthrough import FakeWatch
 from vhotplug import errors, templates
@@ -332,3 +332,17 @@ def test_vcpu_cap_is_the_hosts_cpus_on_xen_only():
         vcpu.check_host_cap(CapConn(driver="Xen"), 3)
     vcpu.check_host_cap(CapConn(driver="Xen"), 2)
     vcpu.check_host_cap(CapConn(driver="QEMU"), 3)
+
+
+def test_libxl_attach_failure_points_at_its_log(monkeypatch):
+    conn, dom = xen_conn()
+
+    def refuse(xml: str, flags: int) -> None:
+        raise libvirt_error("internal error: libxenlight failed to attach network device",
+                            libvirt.VIR_ERR_INTERNAL_ERROR)
+
+    monkeypatch.setattr(dom, "attachDeviceFlags", refuse)
+    with pytest.raises(errors.VhotplugError) as info:
+        attach_mod.attach_device(conn, dom, nic_xml(nic_spec(bridge="nobr0", flavor=XEN)), flags=LIVE, identity=None,
+                                 session=None, timeout=5)
+    assert "libxl-driver.log" in (info.value.hint or "")

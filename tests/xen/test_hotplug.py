@@ -269,3 +269,13 @@ def test_guest_without_passthrough_is_refused_then_prepared(xen_lab: L1, xen_gue
     assert res.json()["detached"]["host"] == {"reattached": True, "driver_now": "e1000e"}
     assert dom0_driver(xen_lab) == "e1000e"
     report(request.config, f"Xen passthrough after prepare + restart: attach+detach {time.monotonic() - started:.1f} s")
+
+
+def test_libxl_failure_says_where_its_reason_is(xen_lab: L1, xen_guest: XenGuest, xen_conn: libvirt.virConnect,
+                                                cli) -> None:  # type: ignore[no-untyped-def]
+    """libxl reports only "failed"; vhotplug points at the log that has the reason, and nothing is left attached."""
+    res = cli("-c", xen_guest.uri, "attach", "nic", xen_guest.name, "--bridge", "vhnobr0", "--id", "bad")
+    assert res.code == 1 and "libxenlight failed to attach network device" in res.err, res.err
+    assert "/var/log/libvirt/libxl/libxl-driver.log" in res.err
+    assert "Could not find bridge device vhnobr0" in in_dom0(xen_lab, "cat /var/log/libvirt/libxl/libxl-driver.log")
+    assert "ua-bad" not in xen_conn.lookupByName(xen_guest.name).XMLDesc(0)

@@ -17,6 +17,7 @@ from vhotplug.ops.detach import detach_live, remove_from_config
 from vhotplug.virt.connection import domain_xml
 from vhotplug.virt.devices import find_device
 from vhotplug.virt.errors import translate
+from vhotplug.virt.flavor import flavor_of
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,12 @@ def attach_device(conn: libvirt.virConnect, dom: libvirt.virDomain, device: etre
     except libvirt.libvirtError as exc:
         if watch:
             watch.cancel()
-        raise translate(exc, f"attaching {device.tag} {alias}") from exc
+        err = translate(exc, f"attaching {device.tag} {alias}")
+        if flavor_of(conn).name == "xen" and err.hint is None:
+            # libxl's own error says only "failed"; its reason (a missing image or bridge, ...) is logged.
+            err.hint = ("libxl logs the reason on the Xen host, in /var/log/libvirt/libxl/libxl-driver.log "
+                        "(e.g. an image path or bridge that does not exist there)")
+        raise err from exc
     except BaseException:
         if watch:
             watch.cancel()
