@@ -25,6 +25,7 @@ from vhotplug.lab import DEFAULT_NAME, xenpv
 from vhotplug.lab import image as lab_image
 from vhotplug.lab.domain import Accel, LabSpec, Machine, build_domain_xml, check_name
 from vhotplug.virt.errors import translate
+from vhotplug.virt.flavor import flavor_of
 
 #: Where a lab guest inside a remote hypervisor writes its serial console (that host's libvirt log dir).
 REMOTE_LOG_DIR = Path("/var/log/libvirt/qemu")
@@ -191,12 +192,9 @@ class _Flavour:
 
 
 def _flavour(conn: libvirt.virConnect, machine: Machine, accel: Accel, plain: bool) -> _Flavour:
-    """The one place the connection's driver decides: a Xen PV domU under Xen, else the QEMU/KVM guest."""
-    try:
-        driver = conn.getType()
-    except libvirt.libvirtError as exc:
-        raise translate(exc, "asking libvirt for its hypervisor type") from exc
-    if driver != "Xen":
+    """The one place the connection's driver decides (virt/flavor.py): a Xen PV domU under Xen, else the
+    QEMU/KVM guest."""
+    if flavor_of(conn).name != "xen":
         return _Flavour(machine, accel, build_domain_xml)
     if plain:
         raise errors.Unsupported("`lab up --plain` is for QEMU/KVM lab guests; a Xen lab guest is a PV domU",
