@@ -208,7 +208,7 @@ def tree_entries(root: Path) -> Iterator[CpioEntry]:
 # host prerequisites
 
 
-def _tool(name: str, package: str) -> str:
+def need_tool(name: str, package: str) -> str:
     """Absolute path of an external tool (also looked up in the sbin dirs), or LabError."""
     path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin", "/bin"])
     found = shutil.which(name, path=path)
@@ -218,7 +218,7 @@ def _tool(name: str, package: str) -> str:
     return found
 
 
-def _need_file(path: Path, package: str, what: str) -> None:
+def need_file(path: Path, package: str, what: str) -> None:
     if not path.is_file():
         raise LabError(f"building the lab image needs {what} ({path}), which is missing",
                        hint=f"apt-get install {package}")
@@ -254,7 +254,7 @@ def default_kver(*, boot_dir: Path | None = None, modules_dir: Path | None = Non
     return max(usable, key=_version_key)
 
 
-def _check_kver(kver: str) -> Path:
+def check_kver(kver: str) -> Path:
     """The kernel image for ``kver``; LabError if the kernel or its modules are missing."""
     if not kver or "/" in kver or kver.startswith("."):
         raise LabError(f"invalid kernel version {kver!r}")
@@ -274,7 +274,7 @@ def resolve_modules(kver: str, names: Iterable[str] = MODULES, *,
     Names this kernel does not know are skipped; a missing ``required`` one is a LabError.
     Built-in modules need no file and are left out.
     """
-    modprobe = _tool("modprobe", "kmod")
+    modprobe = need_tool("modprobe", "kmod")
     order: list[Path] = []
     seen: set[Path] = set()
     unknown: list[str] = []
@@ -301,7 +301,7 @@ def resolve_modules(kver: str, names: Iterable[str] = MODULES, *,
 def busybox_applet_links(busybox: Path | None = None) -> dict[str, str]:
     """Initramfs path -> symlink target for every busybox applet (never a link named like busybox)."""
     busybox = busybox or BUSYBOX
-    _need_file(busybox, "busybox-static", "a static busybox")
+    need_file(busybox, "busybox-static", "a static busybox")
     names = _run([str(busybox), "--list"], "listing busybox applets").split()
     full: dict[str, str] = {}
     with contextlib.suppress(LabError):  # older busyboxes lack --list-full: everything goes to /bin
@@ -320,7 +320,7 @@ def busybox_applet_links(busybox: Path | None = None) -> dict[str, str]:
 
 def elf_deps(binary: Path) -> list[Path]:
     """Shared libraries and ELF interpreter of ``binary`` per ``ldd`` ([] for a static binary)."""
-    ldd = _tool("ldd", "libc-bin")
+    ldd = need_tool("ldd", "libc-bin")
     proc = subprocess.run([ldd, str(binary)], capture_output=True, text=True, check=False)
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:
@@ -341,7 +341,7 @@ def elf_deps(binary: Path) -> list[Path]:
 # keys and atomic files
 
 
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -356,7 +356,7 @@ def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise
 
 
-def _atomic_copy(src: Path, dst: Path, mode: int = 0o644) -> None:
+def atomic_copy(src: Path, dst: Path, mode: int = 0o644) -> None:
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
     try:
         with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
@@ -371,7 +371,7 @@ def _atomic_copy(src: Path, dst: Path, mode: int = 0o644) -> None:
         raise
 
 
-def _parse_pub(text: str, key_type: str) -> str | None:
+def parse_pub(text: str, key_type: str) -> str | None:
     for line in text.splitlines():
         parts = line.split()
         if len(parts) >= 2 and parts[0] == key_type:
@@ -379,15 +379,15 @@ def _parse_pub(text: str, key_type: str) -> str | None:
     return None
 
 
-def _host_key(out_dir: Path) -> str:
+def ensure_host_key(out_dir: Path) -> str:
     """Make sure the dropbear host key and host_key.pub exist; return the public line."""
     key = out_dir / HOST_KEY_NAME
     pub_file = out_dir / HOST_KEY_PUB_NAME
     if key.is_file() and pub_file.is_file():
-        pub = _parse_pub(pub_file.read_text(), HOST_KEY_ALGO)
+        pub = parse_pub(pub_file.read_text(), HOST_KEY_ALGO)
         if pub:
             return pub
-    dropbearkey = _tool("dropbearkey", "dropbear-bin")
+    dropbearkey = need_tool("dropbearkey", "dropbear-bin")
     if not key.is_file():
         tmp = out_dir / f".{HOST_KEY_NAME}.tmp{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
@@ -399,15 +399,15 @@ def _host_key(out_dir: Path) -> str:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-    pub = _parse_pub(_run([dropbearkey, "-y", "-f", str(key)], "reading the lab SSH host key"), HOST_KEY_ALGO)
+    pub = parse_pub(_run([dropbearkey, "-y", "-f", str(key)], "reading the lab SSH host key"), HOST_KEY_ALGO)
     if pub is None:
         raise LabError(f"dropbearkey -y -f {key} printed no {HOST_KEY_ALGO} public key",
                        hint=f"delete {key} to generate a new one")
-    _atomic_write(pub_file, f"{pub}\n".encode())
+    atomic_write(pub_file, f"{pub}\n".encode())
     return pub
 
 
-def _load_private_key(path: Path) -> paramiko.PKey:
+def load_private_key(path: Path) -> paramiko.PKey:
     errors: list[str] = []
     for cls in (paramiko.ECDSAKey, paramiko.RSAKey, paramiko.Ed25519Key):
         try:
@@ -418,15 +418,15 @@ def _load_private_key(path: Path) -> paramiko.PKey:
                    hint=f"delete {path} and {_BUILD_HINT} to generate a new one")
 
 
-def _public_line(key: paramiko.PKey) -> str:
+def public_line(key: paramiko.PKey) -> str:
     return f"{key.get_name()} {key.get_base64()}"
 
 
-def _client_key(out_dir: Path) -> str:
+def ensure_client_key(out_dir: Path) -> str:
     """Make sure the client key (0600) and its .pub exist; return the public line."""
     path = out_dir / CLIENT_KEY_NAME
     if path.is_file():
-        key = _load_private_key(path)
+        key = load_private_key(path)
     else:
         key = paramiko.ECDSAKey.generate(bits=256)
         fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{CLIENT_KEY_NAME}.")
@@ -441,10 +441,10 @@ def _client_key(out_dir: Path) -> str:
             raise
     if stat.S_IMODE(path.stat().st_mode) != 0o600:
         os.chmod(path, 0o600)
-    pub = _public_line(key)
+    pub = public_line(key)
     pub_file = path.with_name(f"{CLIENT_KEY_NAME}.pub")
     if not pub_file.is_file() or pub_file.read_text().strip() != pub:
-        _atomic_write(pub_file, f"{pub}\n".encode())
+        atomic_write(pub_file, f"{pub}\n".encode())
     return pub
 
 
@@ -452,7 +452,7 @@ def _client_key(out_dir: Path) -> str:
 # the initramfs
 
 
-def _fingerprint(path: Path) -> str | None:
+def fingerprint(path: Path) -> str | None:
     try:
         st = path.stat()
     except OSError:
@@ -469,7 +469,7 @@ def _inputs(kver: str) -> dict[str, object]:
         "init_sha256": hashlib.sha256(INIT_SCRIPT.read_bytes()).hexdigest(),
         "modules_sha256": hashlib.sha256("\n".join((*MODULES, "", *REQUIRED_MODULES, "", *XEN_MODULES)).encode())
         .hexdigest(),
-        "sources": {str(p): _fingerprint(p) for p in sources},
+        "sources": {str(p): fingerprint(p) for p in sources},
     }
 
 
@@ -495,7 +495,7 @@ _STATIC_FILES: dict[str, tuple[str, int]] = {
 }
 
 
-def _copy_in(staging: Path, src: Path, dest: str, mode: int) -> None:
+def copy_in(staging: Path, src: Path, dest: str, mode: int) -> None:
     """Copy host file ``src`` (following symlinks) to ``staging/dest``."""
     target = staging / dest.lstrip("/")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -506,11 +506,11 @@ def _copy_in(staging: Path, src: Path, dest: str, mode: int) -> None:
     os.chmod(target, mode)
 
 
-def _copy_module(staging: Path, src: Path) -> str:
+def copy_module(staging: Path, src: Path) -> str:
     """Copy a kernel module, decompressing .ko.xz/.ko.gz/.ko.zst (busybox insmod wants plain .ko)."""
     suffix = src.suffix
     if suffix not in (".xz", ".gz", ".zst"):
-        _copy_in(staging, src, str(src), 0o644)
+        copy_in(staging, src, str(src), 0o644)
         return str(src)
     plain = str(src)[: -len(suffix)]
     target = staging / plain.lstrip("/")
@@ -520,7 +520,7 @@ def _copy_module(staging: Path, src: Path) -> str:
     elif suffix == ".gz":
         target.write_bytes(gzip.decompress(src.read_bytes()))
     else:
-        zstd = _tool("zstd", "zstd")
+        zstd = need_tool("zstd", "zstd")
         with target.open("wb") as out:
             subprocess.run([zstd, "-dc", str(src)], stdout=out, check=True)
     return plain
@@ -537,32 +537,32 @@ def _stage(staging: Path, kver: str, modules: list[Path], host_key: Path, client
         os.chmod(staging / d, mode)
     os.symlink("/run", staging / "var/run")
 
-    _copy_in(staging, BUSYBOX, "bin/busybox", 0o755)
+    copy_in(staging, BUSYBOX, "bin/busybox", 0o755)
     for rel, target in busybox_applet_links(BUSYBOX).items():
         link = staging / rel
         link.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(target, link)
     for binary in (BUSYBOX, DROPBEAR):
         for dep in elf_deps(binary):
-            _copy_in(staging, dep, str(dep), 0o755)
-    _copy_in(staging, DROPBEAR, str(DROPBEAR), 0o755)
-    _copy_in(staging, host_key, f"etc/dropbear/{HOST_KEY_NAME}", 0o600)
+            copy_in(staging, dep, str(dep), 0o755)
+    copy_in(staging, DROPBEAR, str(DROPBEAR), 0o755)
+    copy_in(staging, host_key, f"etc/dropbear/{HOST_KEY_NAME}", 0o600)
     (staging / "root/.ssh/authorized_keys").write_text(f"{client_pub}\n")
     os.chmod(staging / "root/.ssh/authorized_keys", 0o600)
 
     for rel, (text, mode) in {**_STATIC_FILES, "etc/inittab": (_inittab(), 0o644)}.items():
         (staging / rel).write_text(text)
         os.chmod(staging / rel, mode)
-    _copy_in(staging, INIT_SCRIPT, "init", 0o755)
+    copy_in(staging, INIT_SCRIPT, "init", 0o755)
 
     for name, kos in ((MODULE_ORDER_NAME, modules), (XEN_MODULE_ORDER_NAME, xen_modules or [])):
-        loaded = [_copy_module(staging, ko) for ko in kos]
+        loaded = [copy_module(staging, ko) for ko in kos]
         order = staging / "lib/modules" / kver / name
         order.parent.mkdir(parents=True, exist_ok=True)
         order.write_text("".join(f"{p}\n" for p in loaded))
 
 
-def _pack(staging: Path, dest: Path) -> None:
+def pack_initramfs(staging: Path, dest: Path) -> None:
     """gzip'd newc cpio of ``staging`` (plus /dev/console) written atomically to ``dest``."""
     extra = [CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdevmajor=5, rdevminor=1)]
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
@@ -588,7 +588,7 @@ def _pack(staging: Path, dest: Path) -> None:
 # public API
 
 
-def _read_stamp(out_dir: Path) -> dict[str, object] | None:
+def read_stamp(out_dir: Path) -> dict[str, object] | None:
     try:
         stamp = json.loads((out_dir / STAMP_NAME).read_text())
     except (OSError, ValueError):
@@ -608,9 +608,9 @@ def _image_from(out_dir: Path, stamp: dict[str, object]) -> GuestImage | None:
              out_dir / HOST_KEY_PUB_NAME)
     if not all(f.is_file() for f in files):
         return None
-    host_pub = _parse_pub((out_dir / HOST_KEY_PUB_NAME).read_text(), HOST_KEY_ALGO)
+    host_pub = parse_pub((out_dir / HOST_KEY_PUB_NAME).read_text(), HOST_KEY_ALGO)
     client_pub = (out_dir / f"{CLIENT_KEY_NAME}.pub").read_text().strip()
-    if client_pub != _public_line(_load_private_key(client_key)):
+    if client_pub != public_line(load_private_key(client_key)):
         return None  # id_lab was replaced without its .pub
     if host_pub is None or host_pub != stamp.get("host_key_pub") or client_pub != stamp.get("client_key_pub"):
         return None
@@ -620,7 +620,7 @@ def _image_from(out_dir: Path, stamp: dict[str, object]) -> GuestImage | None:
 def load_image(out_dir: Path) -> GuestImage:
     """The image previously built in ``out_dir``; LabError if there is none or it is incomplete."""
     out_dir = Path(out_dir)
-    stamp = _read_stamp(out_dir)
+    stamp = read_stamp(out_dir)
     if stamp is None:
         raise LabError(f"no lab image in {out_dir}", hint=_BUILD_HINT)
     image = _image_from(out_dir, stamp)
@@ -630,7 +630,7 @@ def load_image(out_dir: Path) -> GuestImage:
     return image
 
 
-def _remove_leftovers(out_dir: Path) -> None:
+def remove_leftovers(out_dir: Path) -> None:
     """Temp files and staging dirs of an interrupted build (called with the lock held)."""
     for path in out_dir.glob(".*"):
         if path.name == LOCK_NAME:
@@ -645,7 +645,7 @@ def _remove_leftovers(out_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def _locked(out_dir: Path) -> Iterator[None]:
+def locked_dir(out_dir: Path) -> Iterator[None]:
     with (out_dir / LOCK_NAME).open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -662,9 +662,9 @@ def build_image(out_dir: Path, *, kver: str | None = None, force: bool = False) 
     """
     out_dir = Path(out_dir)
     kver = kver or default_kver()
-    kernel_src = _check_kver(kver)
-    _need_file(BUSYBOX, "busybox-static", "a static busybox")
-    _need_file(DROPBEAR, "dropbear-bin", "the dropbear SSH server")
+    kernel_src = check_kver(kver)
+    need_file(BUSYBOX, "busybox-static", "a static busybox")
+    need_file(DROPBEAR, "dropbear-bin", "the dropbear SSH server")
     if not INIT_SCRIPT.is_file():
         raise LabError(f"the lab init script {INIT_SCRIPT} is missing from the vhotplug installation",
                        hint="reinstall vhotplug")
@@ -682,28 +682,28 @@ def build_image(out_dir: Path, *, kver: str | None = None, force: bool = False) 
 
 
 def _build_locked(out_dir: Path, kver: str, kernel_src: Path, force: bool) -> GuestImage:
-    with _locked(out_dir):
+    with locked_dir(out_dir):
         inputs = _inputs(kver)
-        stamp = _read_stamp(out_dir)
+        stamp = read_stamp(out_dir)
         if not force and stamp is not None and stamp.get("inputs") == inputs:
             image = _image_from(out_dir, stamp)
             if image is not None:
                 if stat.S_IMODE(image.client_key.stat().st_mode) != 0o600:
                     os.chmod(image.client_key, 0o600)
                 return image
-        _remove_leftovers(out_dir)
+        remove_leftovers(out_dir)
 
-        host_pub = _host_key(out_dir)
-        client_pub = _client_key(out_dir)
+        host_pub = ensure_host_key(out_dir)
+        client_pub = ensure_client_key(out_dir)
         modules = resolve_modules(kver)
         xen_modules = resolve_modules(kver, XEN_MODULES, required=())
         kernel = out_dir / f"{KERNEL_PREFIX}{kver}"
         initrd = out_dir / INITRD_NAME
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".staging-") as tmp:
             _stage(Path(tmp), kver, modules, out_dir / HOST_KEY_NAME, client_pub, xen_modules)
-            _pack(Path(tmp), initrd)
+            pack_initramfs(Path(tmp), initrd)
         try:
-            _atomic_copy(kernel_src, kernel)
+            atomic_copy(kernel_src, kernel)
         except OSError as exc:
             raise LabError(f"cannot copy the kernel {kernel_src}: {exc.strerror}",
                            hint="run as root (the kernel under /boot may be readable by root only)") from exc
@@ -719,5 +719,5 @@ def _build_locked(out_dir: Path, kver: str, kernel_src: Path, force: bool) -> Gu
             "xen_modules": [p.name for p in xen_modules],
             "initrd_bytes": initrd.stat().st_size,
         }
-        _atomic_write(out_dir / STAMP_NAME, (json.dumps(new_stamp, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write(out_dir / STAMP_NAME, (json.dumps(new_stamp, indent=2, sort_keys=True) + "\n").encode())
         return GuestImage(kver, kernel, initrd, host_pub, out_dir / CLIENT_KEY_NAME, client_pub)

@@ -74,7 +74,7 @@ class UpResult:
     already_running: bool
 
 
-_STATES = {
+STATES = {
     libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused",
     libvirt.VIR_DOMAIN_SHUTOFF: "shut off", libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
     libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_BLOCKED: "blocked",
@@ -86,7 +86,7 @@ def _lab_info(dom: libvirt.virDomain) -> LabDomain | None:
     """The lab description of ``dom``, or None if it is not a lab domain."""
     try:
         xml = dom.XMLDesc(0)
-        state = _STATES.get(dom.state()[0], "unknown")
+        state = STATES.get(dom.state()[0], "unknown")
     except libvirt.libvirtError:
         return None  # vanished meanwhile
     root = etree.fromstring(xml.encode())

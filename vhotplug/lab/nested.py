@@ -280,7 +280,7 @@ def write_ssh_wrapper(path: Path, *, key: Path, known_hosts: Path, ssh: Path | s
     """Write the wrapper (0755, atomically) and return its path."""
     safe_path(path, "ssh wrapper")
     script = ssh_wrapper_script(key=key, known_hosts=known_hosts, ssh=ssh)
-    lab_image._atomic_write(path, script.encode(), 0o755)
+    lab_image.atomic_write(path, script.encode(), 0o755)
     return path
 
 
@@ -307,7 +307,7 @@ def _inputs(kver: str, profile: Profile) -> dict[str, object]:
         "kver": kver,
         "boot_files": {n: hashlib.sha256(_boot_file(n)).hexdigest() for n in profile.boot_files},
         "modules": [*profile.modules, "", *profile.required_modules],
-        "sources": {str(p): lab_image._fingerprint(p) for p in sources},
+        "sources": {str(p): lab_image.fingerprint(p) for p in sources},
         **profile.extra_inputs,
     }
 
@@ -329,11 +329,11 @@ def _image_from(out: Path, stamp: dict[str, object]) -> L1Image | None:
              pub_file)
     if not all(f.is_file() for f in files):
         return None
-    host_pub = lab_image._parse_pub(pub_file.read_text(), lab_image.HOST_KEY_ALGO)
+    host_pub = lab_image.parse_pub(pub_file.read_text(), lab_image.HOST_KEY_ALGO)
     client_pub = (out / f"{lab_image.CLIENT_KEY_NAME}.pub").read_text().strip()
     if host_pub is None or host_pub != stamp.get("host_key_pub") or client_pub != stamp.get("client_key_pub"):
         return None
-    if client_pub != lab_image._public_line(lab_image._load_private_key(client_key)):
+    if client_pub != lab_image.public_line(lab_image.load_private_key(client_key)):
         return None
     return L1Image(kver, kernel, initrd, host_pub, client_key, build_id)
 
@@ -343,27 +343,27 @@ def _stage(staging: Path, modules: list[Path], host_key: Path, client_pub: str, 
     for d in ("proc", "sys", "dev", "lower", "rw", "newroot", "bin", "sbin", "usr/bin", "usr/sbin", "vhotplug"):
         (staging / d).mkdir(parents=True, exist_ok=True)
         os.chmod(staging / d, 0o755)
-    lab_image._copy_in(staging, lab_image.BUSYBOX, "bin/busybox", 0o755)
+    lab_image.copy_in(staging, lab_image.BUSYBOX, "bin/busybox", 0o755)
     for rel, target in lab_image.busybox_applet_links(lab_image.BUSYBOX).items():
         link = staging / rel
         link.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(target, link)
     for dep in lab_image.elf_deps(lab_image.BUSYBOX):
-        lab_image._copy_in(staging, dep, str(dep), 0o755)
+        lab_image.copy_in(staging, dep, str(dep), 0o755)
 
     for name, (dest, mode) in profile.boot_files.items():
         (staging / dest).write_bytes(_boot_file(name))
         os.chmod(staging / dest, mode)
-    lab_image._copy_in(staging, host_key, f"vhotplug/{lab_image.HOST_KEY_NAME}", 0o600)
+    lab_image.copy_in(staging, host_key, f"vhotplug/{lab_image.HOST_KEY_NAME}", 0o600)
     (staging / "vhotplug/authorized_keys").write_text(f"{client_pub}\n")
     os.chmod(staging / "vhotplug/authorized_keys", 0o600)
 
-    loaded = [lab_image._copy_module(staging, ko) for ko in modules]
+    loaded = [lab_image.copy_module(staging, ko) for ko in modules]
     (staging / "vhotplug/modules.order").write_text("".join(f"{p}\n" for p in loaded))
 
 
 def _check_host(profile: Profile) -> None:
-    lab_image._need_file(lab_image.BUSYBOX, "busybox-static", "a static busybox")
+    lab_image.need_file(lab_image.BUSYBOX, "busybox-static", "a static busybox")
     for program, package in profile.host_programs.items():
         if not os.access(program, os.X_OK):
             raise errors.LabError(f"the {profile.kind} lab runs the host's {program} inside its L1, and it is not "
@@ -400,14 +400,14 @@ def build_image(profile: Profile, *, kver: str | None = None, force: bool = Fals
     """
     prepare_root()
     kver = kver or lab_image.default_kver()
-    kernel_src = lab_image._check_kver(kver)
+    kernel_src = lab_image.check_kver(kver)
     _check_host(profile)
     out = image_dir(profile.kind)
     try:
         if not out.is_dir():
             out.mkdir()
             os.chmod(out, 0o755)  # QEMU (another user) reads the kernel and initrd
-        with lab_image._locked(out):
+        with lab_image.locked_dir(out):
             return _build_locked(out, kver, kernel_src, force, profile)
     except OSError as exc:
         raise errors.LabError(f"building the {profile.kind} image in {out} failed: {exc}") from exc
@@ -415,22 +415,22 @@ def build_image(profile: Profile, *, kver: str | None = None, force: bool = Fals
 
 def _build_locked(out: Path, kver: str, kernel_src: Path, force: bool, profile: Profile) -> L1Image:
     inputs = _inputs(kver, profile)
-    stamp = lab_image._read_stamp(out)
+    stamp = lab_image.read_stamp(out)
     if not force and stamp is not None and stamp.get("inputs") == inputs:
         image = _image_from(out, stamp)
         if image is not None:
             return image
-    lab_image._remove_leftovers(out)
-    host_pub = lab_image._host_key(out)
-    client_pub = lab_image._client_key(out)
+    lab_image.remove_leftovers(out)
+    host_pub = lab_image.ensure_host_key(out)
+    client_pub = lab_image.ensure_client_key(out)
     modules = lab_image.resolve_modules(kver, profile.modules, required=profile.required_modules)
     initrd = out / INITRD_NAME
     with tempfile.TemporaryDirectory(dir=out, prefix=".staging-") as tmp:
         _stage(Path(tmp), modules, out / lab_image.HOST_KEY_NAME, client_pub, profile)
-        lab_image._pack(Path(tmp), initrd)
+        lab_image.pack_initramfs(Path(tmp), initrd)
     kernel = out / f"{lab_image.KERNEL_PREFIX}{kver}"
     try:
-        lab_image._atomic_copy(kernel_src, kernel)
+        lab_image.atomic_copy(kernel_src, kernel)
     except OSError as exc:
         raise errors.LabError(f"cannot copy the kernel {kernel_src}: {exc.strerror}",
                               hint="run as root (the kernel under /boot may be readable by root only)") from exc
@@ -441,7 +441,7 @@ def _build_locked(out: Path, kver: str, kernel_src: Path, force: bool, profile: 
     new_stamp = {"inputs": inputs, "kver": kver, "build_id": build_id, "host_key_pub": host_pub,
                  "client_key_pub": client_pub, "modules": [p.name for p in modules],
                  "initrd_bytes": initrd.stat().st_size}
-    lab_image._atomic_write(out / STAMP_NAME, (json.dumps(new_stamp, indent=2, sort_keys=True) + "\n").encode())
+    lab_image.atomic_write(out / STAMP_NAME, (json.dumps(new_stamp, indent=2, sort_keys=True) + "\n").encode())
     return L1Image(kver, kernel, initrd, host_pub, out / lab_image.CLIENT_KEY_NAME, build_id)
 
 
@@ -449,7 +449,7 @@ def planned_image(kind: str = KIND) -> L1Image:
     """The built image if there is one, else where build_image will put it (for XML previews)."""
     d = image_dir(kind)
     with contextlib.suppress(OSError, ValueError, errors.LabError):
-        stamp = lab_image._read_stamp(d)
+        stamp = lab_image.read_stamp(d)
         if stamp is not None and (image := _image_from(d, stamp)) is not None:
             return image
     return L1Image("", d / "vmlinuz", d / INITRD_NAME, "", d / lab_image.CLIENT_KEY_NAME, "")
@@ -554,7 +554,7 @@ def _read_l1(dom: libvirt.virDomain, kind: str = KIND) -> tuple[L1, str] | None:
     """The L1 of ``kind`` described by ``dom``'s metadata and the build it was booted from; None if not one."""
     try:
         xml = dom.XMLDesc(0)
-        state = manager._STATES.get(dom.state()[0], "unknown")
+        state = manager.STATES.get(dom.state()[0], "unknown")
     except libvirt.libvirtError:
         return None  # vanished meanwhile
     root = etree.fromstring(xml.encode())
@@ -716,7 +716,7 @@ def boot_l1(conn: libvirt.virConnect, name: str, image: L1Image, xml_for: Callab
     files = domain_files(name)
     files.known_hosts.parent.mkdir(parents=True, exist_ok=True)
     target = l1_target(name, manager.free_port(), image)
-    lab_image._atomic_write(files.known_hosts,
+    lab_image.atomic_write(files.known_hosts,
                             manager.known_hosts_line(target.host, target.port, image.host_key_pub).encode())
     write_ssh_wrapper(files.wrapper, key=image.client_key, known_hosts=files.known_hosts)
     files.serial_log.unlink(missing_ok=True)

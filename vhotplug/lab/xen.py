@@ -120,7 +120,7 @@ def xen_dir() -> Path:
 
 
 def _apt(argv: list[str], what: str, *, cwd: Path | None = None, check: bool = True) -> str:
-    tool = lab_image._tool(argv[0], "apt" if argv[0].startswith("apt") else "dpkg")
+    tool = lab_image.need_tool(argv[0], "apt" if argv[0].startswith("apt") else "dpkg")
     try:
         proc = subprocess.run([tool, *argv[1:]], capture_output=True, text=True, check=False, cwd=cwd,
                               timeout=_APT_TIMEOUT)
@@ -287,12 +287,12 @@ def _unpack(out: Path, debs: list[Deb]) -> XenTree:
     os.chmod(new, 0o755)  # QEMU (another user) serves it over 9p
     gz = _hypervisor_gz(new)
     hypervisor = out / gz.name.removesuffix(".gz")
-    lab_image._atomic_write(hypervisor, gzip.decompress(gz.read_bytes()))
+    lab_image.atomic_write(hypervisor, gzip.decompress(gz.read_bytes()))
     if root.exists():
         root.rename(old)
     new.rename(root)
     shutil.rmtree(old, ignore_errors=True)
-    lab_image._atomic_write(stamp_file, f"{stamp}\n".encode())
+    lab_image.atomic_write(stamp_file, f"{stamp}\n".encode())
     return XenTree(root, hypervisor, tuple(d.filename for d in debs), stamp)
 
 
@@ -304,7 +304,7 @@ def prepare_xen() -> XenTree:
         if not out.is_dir():
             out.mkdir()
             os.chmod(out, 0o755)
-        with lab_image._locked(out):
+        with lab_image.locked_dir(out):
             debs = fetch_debs(out / DEBS_DIR)
             return _unpack(out, debs)
     except OSError as exc:
