@@ -134,14 +134,20 @@ def build_domain_xml(spec: LabSpec) -> str:
 
     devices.find("serial/source").set("path", str(spec.serial_log))
 
-    # Management NIC: user-mode networking with SSH forwarded on 127.0.0.1 only.
-    # libvirt 9.0 has no portForward for type='user', so it goes on the QEMU
-    # command line and stays invisible to libvirt (it is not a hot-plug target).
+    add_mgmt_nic(root, spec.ssh.host, spec.ssh.port, mac, nic_addr)
+    return templates.tostring(root)
+
+
+def add_mgmt_nic(root: etree._Element, host: str, port: int, mac: str, nic_addr: str) -> None:
+    """The management NIC: user-mode networking with SSH forwarded from ``host:port`` (loopback) only.
+
+    libvirt 9.0 has no portForward for type='user', so it goes on the QEMU command line and stays
+    invisible to libvirt (it is not a hot-plug target). ``nic_addr``: its PCI placement (bus=..,addr=..).
+    """
     cmdline = root.find(f"{{{QEMU_NS}}}commandline")
     args = [
-        "-netdev", f"user,id=vhmgmt,net=10.0.2.0/24,hostfwd=tcp:{spec.ssh.host}:{spec.ssh.port}-:22",
+        "-netdev", f"user,id=vhmgmt,net=10.0.2.0/24,hostfwd=tcp:{host}:{port}-:22",
         "-device", f"virtio-net-pci,netdev=vhmgmt,mac={mac},{nic_addr},romfile=",
     ]
     for value in args:
         etree.SubElement(cmdline, f"{{{QEMU_NS}}}arg", value=value)
-    return templates.tostring(root)

@@ -106,7 +106,8 @@ def list_labs(conn: libvirt.virConnect) -> list[LabDomain]:
     return sorted((info for d in domains if (info := _lab_info(d))), key=lambda i: i.name)
 
 
-def _find(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
+def find_domain(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
+    """Domain ``name``, or None when there is none."""
     try:
         return conn.lookupByName(name)
     except libvirt.libvirtError as exc:
@@ -215,7 +216,7 @@ def planned_xml(name: str, *, machine: Machine, accel: Accel, plain: bool = Fals
 
 def down(conn: libvirt.virConnect, name: str) -> bool:
     """Destroy and undefine lab domain ``name`` and remove its files here; False if there was none."""
-    dom = _find(conn, check_name(name))
+    dom = find_domain(conn, check_name(name))
     if dom is None:
         return False
     _require_lab(dom)
@@ -242,7 +243,7 @@ def up(conn: libvirt.virConnect, name: str = DEFAULT_NAME, *, machine: Machine =
     check_name(name)
     img = build(kver=kver)
     flavour = _flavour(conn, machine, accel, plain)
-    dom = _find(conn, name)
+    dom = find_domain(conn, name)
     if dom is not None:
         info = _require_lab(dom)
         same_shape = (info.machine == flavour.machine and info.accel == flavour.accel and info.plain == plain
@@ -265,16 +266,7 @@ def up(conn: libvirt.virConnect, name: str = DEFAULT_NAME, *, machine: Machine =
     assert spec.ssh.known_hosts is not None
     spec.ssh.known_hosts.write_text(known_hosts_line(spec.ssh.host, spec.ssh.port, img.host_key_pub))
     serial, target = spec.serial_log, spec.ssh
-    try:
-        dom = conn.defineXML(flavour.xml(spec))
-    except libvirt.libvirtError as exc:
-        raise translate(exc, f"defining lab domain {name}") from exc
-    started = time.monotonic()
-    try:
-        dom.create()
-    except libvirt.libvirtError as exc:
-        err = translate(exc, f"starting lab domain {name}")
-        raise errors.LabError(err.message, hint="see the libvirt/QEMU message above") from exc
+    dom, started = define_and_start(conn, flavour.xml(spec), f"lab domain {name}")
     try:
         # Through a jump host into a guest under nested TCG, one SSH handshake takes seconds.
         wait_for_ssh(target, deadline=started + timeout, attempt_timeout=30.0 if jump else 2.0)
@@ -290,6 +282,21 @@ def up(conn: libvirt.virConnect, name: str = DEFAULT_NAME, *, machine: Machine =
     info = _lab_info(dom)
     assert info is not None
     return UpResult(info, booted, already_running=False)
+
+
+def define_and_start(conn: libvirt.virConnect, xml: str, what: str) -> tuple[libvirt.virDomain, float]:
+    """Define and start a lab domain; (the domain, ``time.monotonic()`` when it was started)."""
+    try:
+        dom = conn.defineXML(xml)
+    except libvirt.libvirtError as exc:
+        raise translate(exc, f"defining {what}") from exc
+    started = time.monotonic()
+    try:
+        dom.create()
+    except libvirt.libvirtError as exc:
+        err = translate(exc, f"starting {what}")
+        raise errors.LabError(err.message, hint="see the libvirt/QEMU message above") from exc
+    return dom, started
 
 
 def remote_jump(conn: libvirt.virConnect) -> SSHTarget | None:

@@ -50,8 +50,8 @@ from vhotplug.guest.ssh import wait_for_ssh
 from vhotplug.guest.target import METADATA_NS, SSHTarget, metadata_element, target_from_metadata
 from vhotplug.lab import image as lab_image
 from vhotplug.lab import manager
-from vhotplug.lab.domain import QEMU_NS, check_name, mgmt_mac
-from vhotplug.virt.connection import open_connection
+from vhotplug.lab.domain import add_mgmt_nic, check_name, mgmt_mac
+from vhotplug.virt.connection import open_connection, still_running
 from vhotplug.virt.errors import translate
 
 #: Bump when the L1 image changes in a way the other inputs (boot files, modules, kernel) do not capture.
@@ -506,13 +506,7 @@ def fill_l1_domain(root: etree._Element, name: str, port: int, image: L1Image, *
         lab.set("image", build_id)  # an L1 booted from another build is replaced, not reused
     root.find("metadata").append(meta)
 
-    cmd = root.find(f"{{{QEMU_NS}}}commandline")
-    args = [
-        "-netdev", f"user,id=vhmgmt,net=10.0.2.0/24,hostfwd=tcp:{SSH_HOST}:{target.port}-:22",
-        "-device", f"virtio-net-pci,netdev=vhmgmt,mac={mac},bus=pcie.0,addr=0x1e,romfile=",
-    ]
-    for value in args:
-        etree.SubElement(cmd, f"{{{QEMU_NS}}}arg", value=value)
+    add_mgmt_nic(root, SSH_HOST, target.port, mac, "bus=pcie.0,addr=0x1e")
 
 
 def l1_xml(name: str, port: int, *, image: L1Image | None = None, memory_mib: int = MEMORY_MIB,
@@ -541,15 +535,6 @@ def l1_xml(name: str, port: int, *, image: L1Image | None = None, memory_mib: in
 # lifecycle
 
 
-def _lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
-    try:
-        return conn.lookupByName(name)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            return None
-        raise translate(exc, f"looking up domain {name!r}") from exc
-
-
 def _read_l1(dom: libvirt.virDomain, kind: str = KIND) -> tuple[L1, str] | None:
     """The L1 of ``kind`` described by ``dom``'s metadata and the build it was booted from; None if not one."""
     try:
@@ -568,18 +553,11 @@ def _read_l1(dom: libvirt.virDomain, kind: str = KIND) -> tuple[L1, str] | None:
 
 def find_l1(conn: libvirt.virConnect, name: str, *, kind: str = KIND) -> L1 | None:
     """The L1 named ``name`` from its domain metadata; None if there is no such domain or it is not one."""
-    dom = _lookup(conn, check_name(name))
+    dom = manager.find_domain(conn, check_name(name))
     if dom is None:
         return None
     found = _read_l1(dom, kind)
     return found[0] if found else None
-
-
-def _active(dom: libvirt.virDomain) -> bool:
-    try:
-        return bool(dom.isActive())
-    except libvirt.libvirtError:
-        return False
 
 
 def _ask_libvirt(uri: str) -> Exception | None:
@@ -621,7 +599,7 @@ def wait_for_libvirt(uri: str, *, deadline: float, dom: libvirt.virDomain | None
     start = time.monotonic()
     last: Exception | None = None
     while time.monotonic() < deadline:
-        if dom is not None and not _active(dom):
+        if dom is not None and not still_running(dom):
             raise errors.LabError(f"L1 {dom.name()} stopped while waiting for its libvirtd")
         last = _ask_libvirt_within(uri, min(deadline - time.monotonic(), LIBVIRT_ATTEMPT_SECONDS))
         if last is None:
@@ -633,7 +611,7 @@ def wait_for_libvirt(uri: str, *, deadline: float, dom: libvirt.virDomain | None
 def _wait_ssh(dom: libvirt.virDomain, target: SSHTarget, deadline: float) -> None:
     """wait_for_ssh in short slices, failing at once when the domain stops (a failed /init powers off)."""
     while True:
-        if not _active(dom):
+        if not still_running(dom):
             raise errors.LabError(f"L1 {dom.name()} stopped during boot")
         try:
             wait_for_ssh(target, deadline=min(deadline, time.monotonic() + 5))
@@ -656,7 +634,7 @@ def _usable(l1: L1) -> bool:
 def reuse_or_remove(conn: libvirt.virConnect, name: str, *, kind: str, build_id: str) -> L1 | None:
     """The running L1 ``name`` of ``kind`` if it was booted from ``build_id`` and answers; else remove
     whatever lab domain has that name (a domain of that name that is not a lab domain is refused)."""
-    dom = _lookup(conn, check_name(name))
+    dom = manager.find_domain(conn, check_name(name))
     if dom is None:
         return None
     found = _read_l1(dom, kind)
@@ -722,16 +700,7 @@ def boot_l1(conn: libvirt.virConnect, name: str, image: L1Image, xml_for: Callab
     files.serial_log.unlink(missing_ok=True)
     xml = xml_for(target.port)
     uri = ssh_uri(driver, target.port, key=image.client_key, known_hosts=files.known_hosts, wrapper=files.wrapper)
-    try:
-        dom = conn.defineXML(xml)
-    except libvirt.libvirtError as exc:
-        raise translate(exc, f"defining L1 domain {name}") from exc
-    started = time.monotonic()
-    try:
-        dom.create()
-    except libvirt.libvirtError as exc:
-        err = translate(exc, f"starting L1 domain {name}")
-        raise errors.LabError(err.message, hint="see the libvirt/QEMU message above") from exc
+    dom, started = manager.define_and_start(conn, xml, f"L1 domain {name}")
     deadline = started + timeout
     try:
         _wait_ssh(dom, target, deadline)

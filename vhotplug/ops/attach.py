@@ -14,7 +14,7 @@ from vhotplug import errors
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.guest.watch import Identity, Seen, start_watch
 from vhotplug.ops.detach import detach_live, remove_from_config
-from vhotplug.virt.connection import domain_xml
+from vhotplug.virt.connection import domain_xml, still_running
 from vhotplug.virt.devices import find_device
 from vhotplug.virt.errors import translate
 from vhotplug.virt.flavor import flavor_of
@@ -99,14 +99,6 @@ def attach_device(conn: libvirt.virConnect, dom: libvirt.virDomain, device: etre
                          max(0.0, seen_after), verified, live)
 
 
-def running(dom: libvirt.virDomain) -> bool:
-    """Whether the domain runs now (False too when it vanished)."""
-    try:
-        return bool(dom.isActive())
-    except libvirt.libvirtError:
-        return False
-
-
 #: A rollback waits at least this long for the guest to let go: a short --timeout was for seeing the device.
 ROLLBACK_TIMEOUT = 30.0
 
@@ -117,7 +109,7 @@ def _roll_back(conn: libvirt.virConnect, dom: libvirt.virDomain, alias: str, fla
         if flags & libvirt.VIR_DOMAIN_AFFECT_CONFIG:
             remove_from_config(conn, dom, alias)
     except (errors.VhotplugError, libvirt.libvirtError) as exc:
-        if flags == libvirt.VIR_DOMAIN_AFFECT_LIVE and not running(dom):
+        if flags == libvirt.VIR_DOMAIN_AFFECT_LIVE and not still_running(dom):
             return  # the domain stopped meanwhile (destroyed, crashed): the device went with it
         raise errors.VhotplugError(
             f"the guest did not show {alias} and rolling it back failed too: {exc}",

@@ -38,9 +38,9 @@ from vhotplug.host.facts import HostFacts, facts_for_uri
 from vhotplug.host.inventory import NodeDev, parse_nodedev_xml
 from vhotplug.host.sysfs import Sysfs
 from vhotplug.host.usage import GroupMember, domain_assignments
-from vhotplug.ops.attach import ROLLBACK_TIMEOUT, AttachOutcome, attach_device, running
+from vhotplug.ops.attach import ROLLBACK_TIMEOUT, AttachOutcome, attach_device
 from vhotplug.ops.detach import DetachOutcome, detach_device, detach_live, is_attached, remove_from_config
-from vhotplug.virt.connection import domain_xml
+from vhotplug.virt.connection import domain_xml, still_running
 from vhotplug.virt.devices import source_bdf, used_names
 from vhotplug.virt.errors import translate
 from vhotplug.virt.flavor import Flavor, flavor_of, xen_guest_kind, xen_passthrough_on
@@ -286,7 +286,7 @@ def _take_from_guest(conn: libvirt.virConnect, dom: libvirt.virDomain, alias: st
         if flags & libvirt.VIR_DOMAIN_AFFECT_CONFIG and dom.isPersistent() and is_attached(dom, alias, inactive=True):
             remove_from_config(conn, dom, alias)
     except (libvirt.libvirtError, errors.VhotplugError) as exc:
-        if flags == libvirt.VIR_DOMAIN_AFFECT_LIVE and not running(dom):
+        if flags == libvirt.VIR_DOMAIN_AFFECT_LIVE and not still_running(dom):
             return []  # the domain stopped meanwhile (destroyed, crashed): the device went with it
         err = translate(exc) if isinstance(exc, libvirt.libvirtError) else exc
         return [f"detaching {alias} from {dom.name()}: {err}"]

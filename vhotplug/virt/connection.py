@@ -107,6 +107,14 @@ def is_running(dom: libvirt.virDomain) -> bool:
         raise translate(exc) from exc
 
 
+def still_running(dom: libvirt.virDomain) -> bool:
+    """Whether the domain runs now; False too when it vanished meanwhile (for waits and rollbacks)."""
+    try:
+        return bool(dom.isActive())
+    except libvirt.libvirtError:
+        return False
+
+
 @dataclass(frozen=True)
 class Affect:
     """What a change touches: the libvirt flags, and whether that means the live domain and/or its definition."""

@@ -25,6 +25,7 @@ Other drivers (the test driver, ...) are treated like QEMU: their XML is QEMU's.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import libvirt
@@ -86,12 +87,20 @@ def flavor_for_driver(driver: str) -> Flavor:
     return _BY_DRIVER.get(driver, QEMU)
 
 
+# A connection's driver never changes: asked once per connection (over xen+ssh each ask is a round trip).
+_KNOWN: weakref.WeakKeyDictionary[libvirt.virConnect, Flavor] = weakref.WeakKeyDictionary()
+
+
 def flavor_of(conn: libvirt.virConnect) -> Flavor:
     """The flavor of the hypervisor behind ``conn``."""
-    try:
-        return flavor_for_driver(conn.getType())
-    except libvirt.libvirtError:
-        return QEMU
+    found = _KNOWN.get(conn)
+    if found is None:
+        try:
+            found = flavor_for_driver(conn.getType())
+        except libvirt.libvirtError:
+            return QEMU
+        _KNOWN[conn] = found
+    return found
 
 
 # -- Xen domain kinds --------------------------------------------------------------------------------------
