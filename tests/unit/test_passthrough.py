@@ -440,7 +440,8 @@ def test_driver_read_while_the_link_is_missing_is_read_again():
         nodedev.current_driver(dev)  # bounded: gives up after DRIVER_SETTLE
 
 
-def test_domain_stopping_during_the_rollback_is_not_a_failed_rollback(hostroot, monkeypatch):
+@pytest.mark.parametrize("flags", [LIVE, 0], ids=["live", "current"])  # 0: no option, the CLI's default
+def test_domain_stopping_during_the_rollback_is_not_a_failed_rollback(hostroot, monkeypatch, flags):
     """Destroyed between the rollback's "is it running" and its detach: the device went with the domain, so
     the undo continues (host reattach) instead of ending in exit 15 (seen with the nested lab's L2)."""
     conn, dev, dom = setup_flow(hostroot, monkeypatch)
@@ -453,6 +454,6 @@ def test_domain_stopping_during_the_rollback_is_not_a_failed_rollback(hostroot, 
 
     monkeypatch.setattr(dom, "detachDeviceAlias", destroyed_meanwhile)
     with pytest.raises(errors.Timeout) as info:
-        run_attach(conn, dom, hostroot)
+        run_attach(conn, dom, hostroot, flags)
     assert "back on the host" in info.value.message
     assert dev.driver == "e1000e" and journal.entries() == []

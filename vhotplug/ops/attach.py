@@ -109,7 +109,7 @@ def _roll_back(conn: libvirt.virConnect, dom: libvirt.virDomain, alias: str, fla
         if flags & libvirt.VIR_DOMAIN_AFFECT_CONFIG:
             remove_from_config(conn, dom, alias)
     except (errors.VhotplugError, libvirt.libvirtError) as exc:
-        if flags == libvirt.VIR_DOMAIN_AFFECT_LIVE and not still_running(dom):
+        if not flags & libvirt.VIR_DOMAIN_AFFECT_CONFIG and not still_running(dom):
             return  # the domain stopped meanwhile (destroyed, crashed): the device went with it
         raise errors.VhotplugError(
             f"the guest did not show {alias} and rolling it back failed too: {exc}",

@@ -286,7 +286,7 @@ def _take_from_guest(conn: libvirt.virConnect, dom: libvirt.virDomain, alias: st
         if flags & libvirt.VIR_DOMAIN_AFFECT_CONFIG and dom.isPersistent() and is_attached(dom, alias, inactive=True):
             remove_from_config(conn, dom, alias)
     except (libvirt.libvirtError, errors.VhotplugError) as exc:
-        if flags == libvirt.VIR_DOMAIN_AFFECT_LIVE and not still_running(dom):
+        if not flags & libvirt.VIR_DOMAIN_AFFECT_CONFIG and not still_running(dom):
             return []  # the domain stopped meanwhile (destroyed, crashed): the device went with it
         err = translate(exc) if isinstance(exc, libvirt.libvirtError) else exc
         return [f"detaching {alias} from {dom.name()}: {err}"]
