@@ -6,6 +6,7 @@ import contextlib
 import os
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import quote
 
 import typer
 from lxml import etree
@@ -32,7 +33,7 @@ from vhotplug.cli.options import (
 from vhotplug.cli.state import OutputFormat, state
 from vhotplug.devices.disk import DiskSpec, create_image, disk_spec, disk_xml, remove_created_image
 from vhotplug.devices.nic import nic_spec, nic_xml
-from vhotplug.guest.ping import ping_through
+from vhotplug.guest.ping import check_address, ping_through
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.guest.watch import Identity
 from vhotplug.host import lock
@@ -47,7 +48,12 @@ app = typer.Typer(no_args_is_help=True, help="Hot-plug a device into a domain an
 
 def image_dir(domain: str) -> Path:
     """Where ``--size`` creates disk images: readable by QEMU, one folder per domain."""
-    return Path(os.environ.get("VHOTPLUG_IMAGE_DIR", "/var/lib/vhotplug/images")) / domain
+    folder = domain
+    if folder in ("", ".", "..") or "/" in folder or "\0" in folder:
+        # libvirt accepts a domain named "." or ".." (it refuses only '/'): as a folder name that put the images
+        # in, or above, the images directory itself. Such names get a folder of their own, percent-encoded.
+        folder = quote(domain, safe="", errors="surrogatepass").replace(".", "%2E") or "%"
+    return Path(os.environ.get("VHOTPLUG_IMAGE_DIR", "/var/lib/vhotplug/images")) / folder
 
 
 @app.command()
@@ -77,6 +83,8 @@ def nic(
     (`ping -I IFACE ADDR`, as in the seed).
     """
     st = state(ctx)
+    if ping is not None:
+        check_address(ping)  # a bad --ping was refused only after the NIC was attached (and it stayed)
     with connection(st.uri) as conn, contextlib.ExitStack() as held:
         dom = lookup_domain(conn, domain)
         flavor = flavor_of(conn)
@@ -94,7 +102,7 @@ def nic(
         if is_live and spec.model is not None:  # a model takes a PCI slot (Xen's netfront has none)
             check_pci_room(live_xml, conventional=spec.model in CONVENTIONAL_MODELS, what=f"a {spec.model} NIC")
         session = open_guest(dom, verify=verify, live=is_live, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
-                             accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump)
+                             accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump, timeout=timeout)
         if ping and session is None:
             raise errors.InvalidRequest("--ping needs the guest check: a live attach with guest SSH access",
                                         hint="pass --ssh USER@HOST (and --ssh-key)")
@@ -151,7 +159,7 @@ def disk(
         if is_live and flavor.name == "qemu":
             _check_disk_room(live_xml, spec)
         session = open_guest(dom, verify=verify, live=is_live, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
-                             accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump)
+                             accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump, timeout=timeout)
         if spec.create_bytes:
             create_image(spec)
         try:

@@ -30,7 +30,7 @@ from vhotplug.cli.options import (
     WaitLockOpt,
 )
 from vhotplug.cli.state import OutputFormat, state
-from vhotplug.guest.ping import ping_through
+from vhotplug.guest.ping import check_address, ping_through
 from vhotplug.host import lock
 from vhotplug.virt.connection import connection, lookup_domain, resolve_affect
 
@@ -76,6 +76,8 @@ def pci(
 
     st = state(ctx)
     bdf = parse_bdf(device)
+    if ping is not None:
+        check_address(ping)  # a bad --ping was refused only after the device was passed through
     with connection(st.uri) as conn:
         dom = lookup_domain(conn, domain)
         affect = resolve_affect(dom, live=live, config=config, current=current, persistent=persistent)
@@ -149,7 +151,7 @@ def _attach(conn: libvirt.virConnect, dom: libvirt.virDomain, plan: HostdevPlan,
     from vhotplug.ops.passthrough import attach_hostdev
 
     session = open_guest(dom, verify=verify, live=live, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
-                         accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump)
+                         accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump, timeout=timeout)
     if ping and session is None:
         raise errors.InvalidRequest("--ping needs the guest check: a live attach with guest SSH access",
                                     hint="pass --ssh USER@HOST (and --ssh-key)")

@@ -28,7 +28,7 @@ from vhotplug.cli import (
     vcpu_cmd,
 )
 from vhotplug.cli.state import AppState, OutputFormat
-from vhotplug.errors import ExitCode, VhotplugError
+from vhotplug.errors import ExitCode, InvalidRequest, VhotplugError
 from vhotplug.host import journal
 from vhotplug.virt.errors import translate
 
@@ -67,7 +67,13 @@ def _global(
     version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
                                                   help="Print the version and exit.")] = None,
 ) -> None:
-    ctx.obj = AppState(uri=connect or os.environ.get("LIBVIRT_DEFAULT_URI") or None, output=output, debug=debug)
+    uri = connect or os.environ.get("LIBVIRT_DEFAULT_URI") or None
+    if uri is not None and not uri.isprintable():
+        # libvirt's Python binding raised UnicodeEncodeError (a traceback) for a URI that is not UTF-8 (argv
+        # bytes that are not), and a newline in one split its "cannot connect" message over several lines.
+        raise InvalidRequest(f"invalid URI {uri!r}: control characters, or bytes that are not UTF-8",
+                             hint="check -c/--connect or LIBVIRT_DEFAULT_URI")
+    ctx.obj = AppState(uri=uri, output=output, debug=debug)
     if ctx.invoked_subcommand != "recover" and (warning := journal.stale_warning()):
         print(f"vhotplug: warning: {warning}", file=sys.stderr)
 
@@ -97,9 +103,24 @@ def _report(exc: VhotplugError) -> None:
         print(f"vhotplug: hint: {exc.hint}", file=sys.stderr)
 
 
+def _argv_string(arg: str) -> bool:
+    try:
+        return b"\0" not in os.fsencode(arg)
+    except UnicodeEncodeError:
+        return False
+
+
 def run(args: list[str]) -> int:
     """Run the CLI on ``args`` and return the exit code (see README, "Exit codes")."""
     debug = "--debug" in args
+    for n, arg in enumerate(args, 1):
+        # An exec'd process never has a NUL in its arguments (they are C strings), nor a string os.fsencode cannot
+        # encode (argv bytes that are not UTF-8 decode to surrogates it can); an embedding caller can pass either,
+        # and they reached os.stat, libvirt or lxml as ValueError/UnicodeEncodeError (a traceback). Refused here.
+        if not _argv_string(arg):
+            _report(InvalidRequest(f"argument {n} cannot come from a command line (a NUL character or an "
+                                   f"unpaired surrogate): {arg[:80]!r}"))
+            return int(ExitCode.INVALID)
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=args, prog_name="vhotplug", standalone_mode=False)

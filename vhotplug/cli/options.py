@@ -2,12 +2,43 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-DomainArg = Annotated[str, typer.Argument(metavar="DOMAIN", help="Domain name, UUID or id (as in virsh).")]
+from vhotplug import errors
+
+#: The longest --timeout. NaN passed Click's minimum (it compares false) and never expired; inf and values
+#: above ~1e10 s overflowed time_t inside the wait for libvirt's event (an OverflowError traceback).
+MAX_TIMEOUT = 86400.0
+
+
+def _domain_ref(value: str) -> str:
+    # libvirt's names are UTF-8: undecodable argv bytes (lone surrogates to Python) made its binding raise
+    # UnicodeEncodeError, a traceback, instead of "domain not found".
+    if not _is_utf8(value):
+        raise errors.InvalidRequest(f"invalid domain {value!r}: not valid UTF-8 (libvirt's names are)")
+    return value
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _timeout(value: float) -> float:
+    if not math.isfinite(value) or value > MAX_TIMEOUT:
+        raise typer.BadParameter(f"{value:g} is not in the range 0.1 to {MAX_TIMEOUT:g} seconds.")
+    return value
+
+
+DomainArg = Annotated[str, typer.Argument(metavar="DOMAIN", callback=_domain_ref,
+                                          help="Domain name, UUID or id (as in virsh).")]
 
 SSHOpt = Annotated[
     str | None,
@@ -38,7 +69,8 @@ VerifyOpt = Annotated[
     typer.Option("--verify/--no-verify",
                  help="Check inside the guest over SSH (default: on when the guest's SSH access is known)."),
 ]
-TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the guest.")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.1, callback=_timeout,
+                                           help="Seconds to wait for the guest.")]
 WaitLockOpt = Annotated[
     bool,
     typer.Option("--wait-lock",

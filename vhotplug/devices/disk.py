@@ -13,6 +13,7 @@ import itertools
 import os
 import re
 import stat
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,9 +114,27 @@ def detect_format(path: Path) -> DiskFormat:
     return "qcow2" if head == QCOW2_MAGIC else "raw"
 
 
+def _check_path_text(path: Path) -> str:
+    """``path`` as text, if it can go into libvirt's XML as it is; else :class:`errors.InvalidRequest`.
+
+    The hostile-input fuzz found these as tracebacks: lxml refuses control characters (ValueError) and
+    lone surrogates (UnicodeEncodeError: file name bytes that are not UTF-8, which libvirt's UTF-8 XML
+    cannot name either). Tabs and newlines would go in, escaped, but broke the one-line error messages and
+    reach QEMU's command line; no disk image is worth that.
+    """
+    text = str(path)
+    bad = next((c for c in text if unicodedata.category(c) in ("Cc", "Cs") or c in "\ufffe\uffff"), None)
+    if bad is not None:
+        why = "not valid UTF-8" if unicodedata.category(bad) == "Cs" else f"it contains the character {bad!r}"
+        raise errors.InvalidRequest(f"invalid disk path {text!r}: {why}",
+                                    hint="rename the image (or link to it) without control characters")
+    return text
+
+
 def _existing_source(path: Path) -> tuple[Path, SourceType]:
     # abspath, not resolve(): keep symlinks such as /dev/disk/by-id/... as the user gave them,
     # as virt-install does; they are the stable names.
+    _check_path_text(path)
     absolute = Path(os.path.abspath(path.expanduser()))
     try:
         mode = absolute.stat().st_mode
@@ -176,7 +195,7 @@ def disk_spec(
         raise errors.InvalidRequest("a disk needs --path (an existing image) or --size (a new image)",
                                     hint="--path attaches an image you have; --size 1G creates a new sparse raw image")
     if path is not None and size is not None:
-        raise errors.InvalidRequest(f"give --path or --size, not both (got --path {path} and --size {size})",
+        raise errors.InvalidRequest(f"give --path or --size, not both (got --path {str(path)!r} and --size {size!r})",
                                     hint="--path attaches an image you have; --size 1G creates a new sparse raw image")
     if readonly and bus == "sata":
         # libvirt refuses it too ("readonly sata disks are not supported"): QEMU's ide-hd has no read-only mode.
@@ -220,8 +239,8 @@ def disk_spec(
 
 def _remote_source(path: Path) -> Path:
     """A path on the hypervisor's host: absolute, one line, normalised (it cannot be looked at from here)."""
-    text = str(path)
-    if not text.startswith("/") or any(c in text for c in "\n\r\0"):
+    text = _check_path_text(path)
+    if not text.startswith("/"):
         raise errors.InvalidRequest(f"invalid disk path {text!r}: the hypervisor is another host, so give the "
                                     "absolute path there", hint="e.g. /var/lib/xen/data.img")
     return Path(os.path.normpath(text))

@@ -81,6 +81,20 @@ def check_iface(iface: str) -> str:
     return iface
 
 
+def check_address(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address to ping, or :class:`errors.InvalidRequest` (callers check it before changing anything)."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        raise errors.InvalidRequest(f"not an IP address: {addr!r}") from None
+    # ipaddress takes any text as an IPv6 zone ("fe80::1%$(reboot)", a newline, a NUL); it reached the
+    # guest's ping as one quoted word, but sshd cuts a command at a NUL. Zones are interface names.
+    zone = getattr(ip, "scope_id", None)
+    if zone is not None and (not IFACE_RE.fullmatch(zone) or zone in (".", "..")):
+        raise errors.InvalidRequest(f"not an IP address: {addr!r} (the zone after '%' is not an interface name)")
+    return ip
+
+
 def _remaining(deadline: float, what: str) -> float:
     left = deadline - time.monotonic()
     if left <= 0:
@@ -97,10 +111,7 @@ def ping_through(session: GuestSession, iface: str, addr: str, *, count: int = 3
     errors.GuestCommandFailed with ping's output when nothing was received.
     """
     check_iface(iface)
-    try:
-        ip = ipaddress.ip_address(addr)
-    except ValueError:
-        raise errors.InvalidRequest(f"not an IP address: {addr!r}") from None
+    ip = check_address(addr)
     if not 1 <= count <= 100:
         raise errors.InvalidRequest(f"ping count must be 1..100, not {count}")
     deadline = time.monotonic() + timeout

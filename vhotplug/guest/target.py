@@ -20,8 +20,12 @@ from vhotplug import errors
 METADATA_NS = "urn:vhotplug:guest:1"
 METADATA_KEY = "vh"
 
-_USER = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$", re.IGNORECASE)
-_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+# Used with fullmatch: with match, "$" also matched before a trailing newline ("root\n@host" was accepted).
+_USER = re.compile(r"[a-z_][a-z0-9_.-]{0,31}", re.IGNORECASE)
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+# An IPv6 zone (fe80::1%eth0): an interface name or index. ipaddress takes any text after the '%'.
+_ZONE = re.compile(r"[A-Za-z0-9_.:-]{1,15}")
+_PORT = re.compile(r"[0-9]{1,5}")
 
 
 @dataclass(frozen=True)
@@ -41,19 +45,23 @@ class SSHTarget:
 
 def _check_host(host: str) -> str:
     try:
-        return str(ipaddress.ip_address(host.strip("[]")))
+        addr = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        pass
-    if not _HOST.match(host):
+        addr = None
+    if addr is not None:
+        zone = getattr(addr, "scope_id", None)
+        if zone is not None and not _ZONE.fullmatch(zone):  # "fe80::1%$(x)" or a newline parsed as an address
+            raise errors.InvalidRequest(f"invalid SSH host {host!r}: the zone after '%' is not an interface name")
+        return str(addr)
+    if not _HOST.fullmatch(host):
         raise errors.InvalidRequest(f"invalid SSH host {host!r}")
     return host
 
 
 def _check_port(port: str | int) -> int:
-    try:
-        value = int(port)
-    except (TypeError, ValueError):
-        value = -1
+    # Digits only: int() also took " 22", "2_2" and other scripts' digits ("٢٢").
+    text = str(port)
+    value = int(text) if _PORT.fullmatch(text) else -1
     if not 0 < value < 65536:
         raise errors.InvalidRequest(f"invalid SSH port {port!r}: expected 1-65535")
     return value
@@ -65,7 +73,7 @@ def parse_ssh_spec(spec: str) -> SSHTarget:
     rest = spec.strip()
     if "@" in rest:
         user, rest = rest.rsplit("@", 1)
-        if not _USER.match(user):
+        if not _USER.fullmatch(user):
             raise errors.InvalidRequest(f"invalid SSH user {user!r} in {spec!r}")
     port: int | str = 22
     if rest.startswith("["):
@@ -126,7 +134,7 @@ def target_from_metadata(xml: str | bytes | etree._Element) -> SSHTarget | None:
 
 def _target_from_element(el: etree._Element, jump: SSHTarget | None) -> SSHTarget:
     key, known, user = el.get("key"), el.get("known-hosts"), el.get("user", "root")
-    if not _USER.match(user):
+    if not _USER.fullmatch(user):
         raise errors.InvalidRequest(f"invalid SSH user {user!r} in the domain metadata")
     return SSHTarget(
         host=_check_host(el.get("host", "")),
