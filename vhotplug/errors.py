@@ -60,6 +60,10 @@ class ConnectionFailed(VhotplugError):
     exit_code = ExitCode.CONNECTION
 
 
+class ConnectionLost(ConnectionFailed):
+    """The libvirt connection went away in the middle of a command (libvirtd restarted, its socket closed)."""
+
+
 class InvalidRequest(VhotplugError):
     """Refused before anything changed."""
 
@@ -80,6 +84,11 @@ class LibvirtFailure(VhotplugError):
 
 class GuestUnreachable(VhotplugError):
     exit_code = ExitCode.GUEST_UNREACHABLE
+
+    def __init__(self, message: str, *, hint: str | None = None, final: bool = False) -> None:
+        super().__init__(message, hint=hint)
+        #: Trying again cannot help (authentication was refused); otherwise a login may be retried.
+        self.final = final
 
 
 class GuestHostKeyError(VhotplugError):

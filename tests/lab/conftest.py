@@ -9,14 +9,19 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import libvirt
 import pytest
 from lxml import etree
 
 from tests.support import Reporter, remove_stale_labs
+from vhotplug.guest.ssh import GuestSession
 from vhotplug.lab import manager
 from vhotplug.lab.manager import LabDomain
 from vhotplug.virt.connection import connection, open_connection
@@ -47,7 +52,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     _TIMES.summary(terminalreporter)
 
 
-_TEST_LAB = re.compile(r"^vhl-(?:test|cpu|pc|plain)-(\d+)$")
+_TEST_LAB = re.compile(r"^vhl-(?:test|cpu|pc|plain|qemu|op)-(\d+)$")
 
 
 def remove_stale_test_labs(conn: libvirt.virConnect) -> list[str]:
@@ -90,3 +95,58 @@ def stopped_domain(conn: libvirt.virConnect, name: str) -> Iterator[libvirt.virD
         yield defined
     finally:
         defined.undefine()
+
+
+# -- faults: tests that outlast a libvirtd or an SSH connection (test_faults, test_slow_guest) --------------
+
+E1000_KO = "/lib/modules/*/kernel/drivers/net/ethernet/intel/e1000/e1000.ko"
+
+
+def live_aliases(name: str) -> set[str]:
+    """The live XML's device aliases, read on a connection of its own (the test's may have died)."""
+    conn = libvirt.open(URI)
+    try:
+        return set(etree.fromstring(conn.lookupByName(name).XMLDesc(0).encode()).xpath("devices/*/alias/@name"))
+    finally:
+        conn.close()
+
+
+def until(what: str, check, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    """Bounded poll for a state another process brings about."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return tmp_path / "run"
+
+
+def vhotplug(run_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """vhotplug as a process of its own (one that outlives a libvirtd or an SSH connection), in JSON."""
+    env = {**os.environ, "VHOTPLUG_RUN_DIR": str(run_dir), **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "vhotplug", "-c", URI, "-o", "json", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def given_back(lab) -> Iterator[list[str]]:
+    """Aliases a test attached: whatever it left (a failure midway included) is taken out of the guest again,
+    the guest resumed and its e1000 driver loaded, so the next test starts from the same lab."""
+    aliases: list[str] = []
+    yield aliases
+    conn = libvirt.open(URI)
+    try:
+        dom = conn.lookupByName(lab.name)
+        if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+            dom.resume()
+        with GuestSession(lab.info.target, connect_timeout=30) as s:
+            s.run(["sh", "-c", f"grep -q '^e1000 ' /proc/modules || insmod {E1000_KO}"], timeout=60)
+        for alias in aliases:
+            if alias in live_aliases(lab.name):
+                dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                until(f"{alias} to leave the guest", lambda a=alias: a not in live_aliases(lab.name), 60)
+    finally:
+        conn.close()

@@ -72,8 +72,8 @@ def detach(
         elif keep_detached:
             raise errors.InvalidRequest(f"--keep-detached is for host PCI devices; {device!r} is not one")
         with lock.acquire(keys, wait=wait_lock):
-            session = open_guest(dom, verify=verify, live=is_live, ssh=ssh, ssh_key=ssh_key,
-                                 known_hosts=known_hosts, accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump)
+            session = open_guest(dom, verify=verify, live=is_live, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
+                                 accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump, timeout=timeout)
             with session or contextlib.nullcontext():
                 if element is not None:
                     from vhotplug.ops.passthrough import detach_hostdev  # host-side modules: hostdevs only
@@ -94,6 +94,10 @@ def detach(
         parts.append("the guest had already completed an earlier pending request")
     elif outcome.live:
         note = " (an earlier request was still pending: not re-sent)" if outcome.was_pending else ""
+        if outcome.busy_refusals:
+            note += f" (QEMU said the guest was busy {outcome.busy_refusals}x first: asked again)"
+        if outcome.reconnects:
+            note += f" (libvirtd went away meanwhile: reconnected {outcome.reconnects}x)"
         parts.append(f"released by the guest in {(outcome.libvirt_seconds or 0) * 1000:.0f} ms{note}")
     if outcome.config:
         parts.append("removed from the persistent definition")

@@ -13,8 +13,8 @@ from lxml import etree
 from vhotplug import errors
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.guest.watch import Identity, Seen, start_watch
-from vhotplug.ops.detach import detach_live, remove_from_config
-from vhotplug.virt.connection import domain_xml, still_running
+from vhotplug.ops.detach import detach_live, is_attached, remove_from_config
+from vhotplug.virt.connection import RECONNECT_WINDOW, domain_xml, reopen_if_lost, still_running
 from vhotplug.virt.devices import find_device
 from vhotplug.virt.errors import translate
 from vhotplug.virt.flavor import flavor_of
@@ -56,12 +56,16 @@ def attach_device(conn: libvirt.virConnect, dom: libvirt.virDomain, device: etre
     xml = etree.tostring(device, encoding="unicode")
     alias_el = device.find("alias")
     alias = alias_el.get("name", "") if alias_el is not None else ""
-    watch = start_watch(session, identity, present=True, timeout=timeout) if session and identity else None
+    watch = (start_watch(session, identity, present=True, timeout=timeout, worth_it=lambda: still_running(dom))
+             if session and identity else None)
     try:
         if before_attach is not None:
             before_attach()
         called = time.monotonic()
-        dom.attachDeviceFlags(xml, flags)
+        try:
+            dom.attachDeviceFlags(xml, flags)
+        except errors.ConnectionLost as exc:
+            _attached_after_all(dom, alias, flags, timeout, exc)  # or raises: it did not happen
     except libvirt.libvirtError as exc:
         if watch:
             watch.cancel()
@@ -86,6 +90,19 @@ def attach_device(conn: libvirt.virConnect, dom: libvirt.virDomain, device: etre
         return AttachOutcome(alias, device.tag, shown, address, libvirt_seconds, live=live)
     try:
         seen = watch.result()
+    except errors.GuestUnreachable as exc:
+        if not still_running(dom):  # QEMU ended (killed, crashed, destroyed) while the guest was checked
+            kept = " (the definition keeps it)" if flags & libvirt.VIR_DOMAIN_AFFECT_CONFIG else ""
+            raise errors.LibvirtFailure(
+                f"the domain stopped while the guest was being checked for {device.tag} {alias}: the device went "
+                f"with the running domain{kept}") from exc
+        # Not rolled back: the guest could not be asked, and libvirt says the device is there.
+        where = f" at {address}" if address != "-" else ""
+        raise errors.GuestUnreachable(
+            f"{exc.message}; libvirt shows {device.tag} {alias} attached{where}: left attached, unverified",
+            hint=f"`vhotplug list DOMAIN --guest` shows it once the guest answers; `vhotplug detach DOMAIN {alias}` "
+                 "removes it",
+        ) from exc
     except errors.Timeout as exc:
         _roll_back(conn, dom, alias, flags, timeout)
         raise errors.Timeout(
@@ -97,6 +114,26 @@ def attach_device(conn: libvirt.virConnect, dom: libvirt.virDomain, device: etre
     seen_after = watch.started_at + seen.guest_seconds - called
     return AttachOutcome(alias, device.tag, shown, address, libvirt_seconds, seen,
                          max(0.0, seen_after), verified, live)
+
+
+def _attached_after_all(dom: libvirt.virDomain, alias: str, flags: int, timeout: float,
+                        lost: errors.ConnectionLost) -> None:
+    """libvirtd went away during the attach call: reconnect and read back whether the device is there.
+
+    Returns when it is (the verify goes on as usual); raises LibvirtFailure saying nothing changed when not.
+    """
+    deadline = time.monotonic() + max(timeout, RECONNECT_WINDOW)
+    try:
+        reopen_if_lost(dom, deadline, during=f"the attach of {alias}")
+        live = bool(flags & libvirt.VIR_DOMAIN_AFFECT_LIVE) or (flags == 0 and dom.isActive())
+        there = is_attached(dom, alias, inactive=not live, deadline=deadline)
+    except errors.ConnectionLost as exc:
+        raise errors.ConnectionLost(f"{exc.message}: whether {alias} was attached is unknown",
+                                    hint=f"once libvirtd answers, `vhotplug list DOMAIN` shows whether {alias} "
+                                         "is there") from lost
+    if not there:
+        raise errors.LibvirtFailure(f"libvirtd went away during the attach of {alias}; reconnected, "
+                                    f"{alias} is not attached: nothing changed") from lost
 
 
 #: A rollback waits at least this long for the guest to let go: a short --timeout was for seeing the device.

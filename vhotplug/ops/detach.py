@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import libvirt
 from lxml import etree
@@ -12,6 +13,7 @@ from vhotplug import errors
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.guest.watch import Identity, Seen, start_watch
 from vhotplug.virt import pending
+from vhotplug.virt.connection import reopen_if_lost, still_running
 from vhotplug.virt.devices import Device, find_device
 from vhotplug.virt.errors import translate
 from vhotplug.virt.events import DeviceRemovalWaiter
@@ -32,12 +34,18 @@ class DetachOutcome:
     was_pending: bool = False  # an earlier request was still in progress: not re-sent
     guest: Seen | None = None
     guest_gone_seconds: float | None = None
+    busy_refusals: int = 0  # QEMU said "guest is busy" this often before it took the request
+    reconnects: int = 0  # libvirtd went away and was reconnected to this often during the wait
 
     def to_dict(self) -> dict[str, object]:
         doc: dict[str, object] = {"alias": self.alias, "kind": self.kind, "identity": self.identity,
                                   "live": self.live, "config": self.config, "was_pending": self.was_pending}
         if self.libvirt_seconds is not None:
             doc["libvirt_seconds"] = round(self.libvirt_seconds, 4)
+        if self.busy_refusals:
+            doc["busy_refusals"] = self.busy_refusals
+        if self.reconnects:
+            doc["reconnects"] = self.reconnects
         if self.guest is not None:
             doc["guest_gone_seconds"] = round(self.guest_gone_seconds or 0.0, 4)
         return doc
@@ -56,47 +64,112 @@ def identity_of(device: Device, element: etree._Element) -> Identity | None:
     return None
 
 
+class Released(NamedTuple):
+    """How a live detach ended well."""
+
+    seconds: float  # request -> removed
+    was_pending: bool  # an earlier request was still pending: waited for, not re-sent
+    busy_refusals: int = 0
+    reconnects: int = 0
+
+
+#: What QEMU (>= 6.2) says to a PCIe unplug while the slot's previous hot-plug is still in progress.
+BUSY = "guest is busy"
+#: First and longest pause before asking again after such a refusal.
+BUSY_BACKOFF = (0.25, 2.0)
+
+
+def _ask(dom: libvirt.virDomain, alias: str, deadline: float) -> int:
+    """``detachDeviceAlias``, asked again (bounded by ``deadline``) while QEMU refuses it because the guest is
+    still busy with the slot's previous hot-plug ("guest is busy (power indicator blinking)", seen when an
+    unplug follows a plug too quickly). QEMU took nothing then, so asking again re-sends nothing. Returns how
+    many refusals there were."""
+    pause, refusals = BUSY_BACKOFF[0], 0
+    while True:
+        try:
+            dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            return refusals
+        except libvirt.libvirtError as exc:
+            if BUSY not in (exc.get_error_message() or "") or time.monotonic() + pause >= deadline:
+                err = translate(exc, f"detaching {alias}")
+                if refusals:
+                    err.message += f" (refused {refusals + 1} times in a row: the guest stayed busy)"
+                raise err from exc
+        refusals += 1
+        time.sleep(pause)  # bounded by the deadline; QEMU sends no event when the indicator stops blinking
+        pause = min(pause * 2, BUSY_BACKOFF[1])
+
+
 def detach_live(conn: libvirt.virConnect, dom: libvirt.virDomain, alias: str, *,
-                timeout: float) -> tuple[float, bool]:
+                timeout: float) -> Released:
     """Ask the running guest to release ``alias`` and wait for the outcome.
 
-    Returns (seconds until removed, whether an earlier request was still pending).
+    Returns how it ended (``Released``). QEMU's "guest is busy" refusal is asked again within ``timeout``.
     Raises Timeout when the guest did not release it (it is still attached), and
-    LibvirtFailure on DEVICE_REMOVAL_FAILED. A driver without removal events (Xen) is
-    asked with the device's XML and answers when the call returns.
+    LibvirtFailure on DEVICE_REMOVAL_FAILED or when the domain stopped meanwhile. A libvirtd
+    that restarts during the wait is reconnected to within ``timeout`` and the wait goes on
+    (ConnectionLost, saying the request is pending, when it does not come back). A driver
+    without removal events (Xen) is asked with the device's XML and answers when the call returns.
     """
-    if not flavor_of(conn).removal_event:
-        return _detach_live_sync(dom, alias, timeout=timeout), False
-    uuid, dom_id = dom.UUIDString(), dom.ID()
     start = time.monotonic()
+    deadline = start + timeout
+    # A caller that waited before (an attach's guest check) may hold a connection libvirtd closed meanwhile.
+    reopen_if_lost(conn, deadline, during=f"the detach of {alias}")
+    if not flavor_of(conn).removal_event:
+        return Released(_detach_live_sync(dom, alias, timeout=timeout), False)
+    uuid, dom_id = dom.UUIDString(), dom.ID()
     with DeviceRemovalWaiter(conn, dom, alias) as waiter:  # registered before asking
         since = pending.pending_since(uuid, dom_id, alias)
         was_pending = since is not None
+        refusals = 0
         if not was_pending:
             pending.record(uuid, dom_id, alias)
+            since = time.time()
             try:
-                dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-            except libvirt.libvirtError as exc:
+                refusals = _ask(dom, alias, deadline)
+            except errors.ConnectionLost:
+                # Whether libvirtd got the request is unknown: it stays recorded (never re-sent) and the
+                # wait below, on a reopened connection, finds out what became of the device.
+                pass
+            except errors.VhotplugError:
                 pending.clear(uuid, alias)
-                raise translate(exc, f"detaching {alias}") from exc
+                raise
         # An earlier request may have completed before this waiter existed: libvirt
         # drops the device from the live XML before it emits the event, so a check
         # made after registering cannot miss it.
-        outcome = "removed" if was_pending and not is_attached(dom, alias) else waiter.wait(timeout)
+        try:
+            outcome = ("removed" if was_pending and not is_attached(dom, alias, deadline=deadline)
+                       else waiter.wait(max(0.0, deadline - time.monotonic())))
+        except errors.ConnectionLost as exc:
+            raise errors.ConnectionLost(
+                f"{exc.message}: whether the guest released {alias} is unknown; the detach request "
+                f"(sent {time.time() - since:.0f} s ago) stays pending",
+                hint="`vhotplug detach` again, once libvirtd answers, waits for that request without re-sending",
+            ) from exc
     elapsed = time.monotonic() - start
-    still_there = is_attached(dom, alias)
+    if outcome == "stopped" or not still_running(dom):
+        pending.clear(uuid, alias)
+        raise errors.LibvirtFailure(
+            f"the domain stopped while the guest was releasing {alias}: the device went with the running "
+            "domain (its definition, if it has one, is unchanged)")
+    still_there = is_attached(dom, alias, deadline=deadline)
     if outcome == "failed" and still_there:
         pending.clear(uuid, alias)
         raise errors.LibvirtFailure(f"the guest refused to release {alias} (DEVICE_REMOVAL_FAILED): "
                                     "it is still attached")
     if still_there:
-        asked = f" (asked {time.time() - since:.0f} s ago, not re-sent)" if since is not None else ""
+        asked = f" (asked {time.time() - since:.0f} s ago, not re-sent)" if was_pending else ""
         raise errors.Timeout(
-            f"the guest did not release {alias} within {timeout:g} s{asked}: it is still attached",
+            f"the guest did not release {alias} within {timeout:g} s{asked}: it is still attached"
+            + (_reconnected(waiter.reconnects)),
             hint="the request stays pending; `vhotplug detach` again waits for it without re-sending",
         )
     pending.clear(uuid, alias)
-    return elapsed, was_pending
+    return Released(elapsed, was_pending, refusals, waiter.reconnects)
+
+
+def _reconnected(times: int) -> str:
+    return f" (libvirtd went away and was reconnected to {times}x meanwhile)" if times else ""
 
 
 def _detach_live_sync(dom: libvirt.virDomain, alias: str, *, timeout: float) -> float:
@@ -150,8 +223,13 @@ def _completed_earlier(dom: libvirt.virDomain, ref: str) -> str | None:
     return None
 
 
-def is_attached(dom: libvirt.virDomain, alias: str, *, inactive: bool = False) -> bool:
-    """True when device ``alias`` is in the live XML (or, ``inactive``, the persistent definition)."""
+def is_attached(dom: libvirt.virDomain, alias: str, *, inactive: bool = False, deadline: float | None = None) -> bool:
+    """True when device ``alias`` is in the live XML (or, ``inactive``, the persistent definition).
+
+    A lost connection is reopened first, until ``deadline`` when given (so the answer is libvirt's current one).
+    """
+    if deadline is not None:
+        reopen_if_lost(dom, deadline, during=f"looking for {alias}")
     try:
         find_device(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0), alias)
     except errors.DeviceNotFound:
@@ -191,18 +269,26 @@ def detach_device(conn: libvirt.virConnect, dom: libvirt.virDomain, ref: str, *,
             raise errors.DeviceNotFound(f"{ref!r} is not in the persistent definition",
                                         hint="use --live to detach it from the running guest only") from exc
     identity = identity or identity_of(device, element)
-    libvirt_seconds, was_pending, seen, gone_after = None, False, None, None
+    libvirt_seconds, seen, gone_after = None, None, None
+    released = Released(0.0, False)
     if live:
-        watch = start_watch(session, identity, present=False, timeout=timeout) if session and identity else None
+        watch = (start_watch(session, identity, present=False, timeout=timeout, worth_it=lambda: still_running(dom))
+                 if session and identity else None)
         asked = time.monotonic()
         try:
-            libvirt_seconds, was_pending = detach_live(conn, dom, device.alias, timeout=timeout)
+            released = detach_live(conn, dom, device.alias, timeout=timeout)
+            libvirt_seconds = released.seconds
         except BaseException:
             if watch:
                 watch.cancel()
             raise
         if watch:
-            seen = watch.result()
+            try:
+                seen = watch.result()
+            except errors.GuestUnreachable as exc:
+                raise errors.GuestUnreachable(
+                    f"{exc.message}; libvirt removed {device.alias} (gone from the live XML), the guest could "
+                    "not be asked whether it is gone there too") from exc
             gone_after = max(0.0, watch.started_at + seen.guest_seconds - asked)
     if config_element is not None:
         try:
@@ -211,5 +297,5 @@ def detach_device(conn: libvirt.virConnect, dom: libvirt.virDomain, ref: str, *,
         except libvirt.libvirtError as exc:
             raise translate(exc, f"removing {device.alias} from the persistent definition") from exc
     ident = identity.value if identity else device.identity
-    return DetachOutcome(device.alias, device.kind, ident, live, config, libvirt_seconds, was_pending, seen,
-                         gone_after)
+    return DetachOutcome(device.alias, device.kind, ident, live, config, libvirt_seconds, released.was_pending, seen,
+                         gone_after, released.busy_refusals, released.reconnects)

@@ -91,6 +91,12 @@ def _unplug_aliases(dom: libvirt.virDomain, count: int) -> list[str]:
     return [f"vcpu{v.get('id')}" for v in vcpus[:count]]
 
 
+def _vcpu_enabled(dom: libvirt.virDomain, alias: str) -> bool:
+    """Whether vCPU ``alias`` (vcpuN) is still enabled in the live XML (vCPUs carry no <alias> there)."""
+    root = etree.fromstring(dom.XMLDesc(0).encode())
+    return bool(root.xpath("vcpus/vcpu[@id=$i][@enabled='yes']", i=alias.removeprefix("vcpu")))
+
+
 def set_vcpus(conn: libvirt.virConnect, dom: libvirt.virDomain, n: int, *, live: bool, config: bool,
               session: GuestSession | None, timeout: float) -> VcpuOutcome:
     """Set the vCPU count; with a session, finish the job in the guest and verify it."""
@@ -152,7 +158,8 @@ def _shrink(conn: libvirt.virConnect, dom: libvirt.virDomain, cur: int, n: int, 
         # The guest lets go first: an online CPU being ejected is the guest's decision to refuse.
         hotplug.set_cpus_online(session, range(n, cur), False)
     deadline = time.monotonic() + timeout
-    with DeviceRemovalWaiter(conn, dom, *_unplug_aliases(dom, cur - n)) as waiter:  # registered before asking
+    aliases = _unplug_aliases(dom, cur - n)
+    with DeviceRemovalWaiter(conn, dom, *aliases, present=lambda a: _vcpu_enabled(dom, a)) as waiter:  # before asking
         try:
             dom.setVcpusFlags(n, libvirt.VIR_DOMAIN_AFFECT_LIVE)
         except libvirt.libvirtError as exc:

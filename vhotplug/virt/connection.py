@@ -8,9 +8,12 @@ virsh: by id, UUID or name.
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import libvirt
 
@@ -18,11 +21,24 @@ from vhotplug import errors
 from vhotplug.virt.errors import silence_default_handler, translate
 from vhotplug.virt.events import ensure_event_loop
 
+#: How long a lost connection is tried again when no --timeout bounds the wait (a plain XML read, say).
+RECONNECT_WINDOW = 30.0
+#: Pause between two attempts to reopen (doubling from the first up to the last).
+RECONNECT_BACKOFF = (0.1, 2.0)
 
-def open_connection(uri: str | None) -> libvirt.virConnect:
-    """Open a read-write connection; raise ConnectionFailed with the URI in the message."""
-    silence_default_handler()
-    ensure_event_loop()  # must precede open() for this connection to deliver events
+# Domain methods that only read: after a lost connection they are asked again on the reopened one.
+_READS = frozenset({"XMLDesc", "isActive", "info", "state", "vcpusFlags", "maxMemory", "memoryStats",
+                    "isPersistent", "hasManagedSaveImage", "metadata", "interfaceAddresses", "getCPUStats"})
+
+
+# Connection methods asked again on a reopened connection: lookups, reads, and registering for events (the
+# registration died with the old connection; making it again changes nothing in a domain).
+_CONN_AGAIN = frozenset({"lookupByName", "lookupByUUIDString", "lookupByID", "getType", "getMaxVcpus",
+                         "getCapabilities", "getLibVersion", "getVersion", "getHostname", "listAllDomains",
+                         "nodeDeviceLookupByName", "listAllDevices", "domainEventRegisterAny"})
+
+
+def _open(uri: str | None) -> libvirt.virConnect:
     try:
         conn = libvirt.open(uri)
     except libvirt.libvirtError as exc:
@@ -36,8 +52,191 @@ def open_connection(uri: str | None) -> libvirt.virConnect:
     return conn
 
 
+class Connection:
+    """A libvirt connection that survives a libvirtd restart: reopened on demand, within a bound.
+
+    Everything else is libvirt's ``virConnect`` (attribute access goes to the current one), so every layer
+    uses it as one. libvirt's close callback marks it lost the moment the daemon goes away and wakes whoever
+    waits on it (``on_close``); ``reopen`` connects again with backoff until a deadline, after which domains
+    looked up through it (``Domain``) are found again by UUID. Nothing is ever re-sent on the caller's
+    behalf: only reads are asked again (``_READS``); a change whose answer was lost raises ConnectionLost,
+    and the caller re-reads the state to learn what happened.
+    """
+
+    def __init__(self, uri: str | None, conn: libvirt.virConnect) -> None:
+        self._conn = conn
+        # The URI libvirt resolved (the default one included), so a reopen reaches the same daemon.
+        with contextlib.suppress(libvirt.libvirtError):
+            uri = conn.getURI() or uri
+        self.uri = uri
+        self.generation = 0  # bumped by each reopen
+        self.reconnects = 0
+        self.window = RECONNECT_WINDOW
+        self._lost = threading.Event()
+        self._listeners: list[Callable[[], None]] = []
+        self._watch_close()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._conn, name)
+        if name.startswith("_") or not callable(attr):
+            return attr
+        return self._call(name)
+
+    def _call(self, name: str) -> Callable[..., Any]:
+        """Calls on a dead connection: lookups and event registrations go to a reopened one (a Domain given
+        as an argument finds itself again there); anything else raises ConnectionLost, never re-sent."""
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return getattr(self._conn, name)(*args, **kwargs)
+            except libvirt.libvirtError as exc:
+                if self.alive():
+                    raise
+                if name not in _CONN_AGAIN:
+                    raise errors.ConnectionLost(f"lost the connection to libvirtd at {self.uri} while asking "
+                                                f"{name}: {exc.get_error_message() or exc}") from exc
+                self.reopen(time.monotonic() + self.window, during=name)
+            return getattr(self._conn, name)(*args, **kwargs)
+
+        return call
+
+    def _watch_close(self) -> None:
+        with contextlib.suppress(libvirt.libvirtError, AttributeError):
+            self._conn.registerCloseCallback(self._closed, None)
+
+    def _closed(self, _conn: object, _reason: int, _opaque: object) -> None:
+        self._lost.set()
+        for listener in list(self._listeners):
+            listener()
+
+    def on_close(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener`` (from libvirt's event thread) when the connection closes; returns the remover."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    @property
+    def raw(self) -> libvirt.virConnect:
+        """The current libvirt connection itself."""
+        return self._conn
+
+    def alive(self) -> bool:
+        if self._lost.is_set():
+            return False
+        try:
+            return bool(self._conn.isAlive())
+        except libvirt.libvirtError:
+            return False
+
+    def reopen(self, deadline: float, *, during: str = "") -> None:
+        """Connect again (libvirtd restarted or its socket closed), trying with backoff until ``deadline``.
+
+        Raises ConnectionLost when libvirtd does not answer by then.
+        """
+        pause, longest = RECONNECT_BACKOFF
+        last = ""
+        while True:
+            try:
+                conn = _open(self.uri)
+            except errors.ConnectionFailed as exc:
+                last = exc.message
+            else:
+                old, self._conn = self._conn, conn
+                self._lost.clear()
+                self.generation += 1
+                self.reconnects += 1
+                with contextlib.suppress(libvirt.libvirtError, AttributeError):
+                    old.unregisterCloseCallback()
+                with contextlib.suppress(libvirt.libvirtError):
+                    old.close()
+                self._watch_close()
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                what = f" during {during}" if during else ""
+                raise errors.ConnectionLost(f"lost the connection to libvirtd at {self.uri}{what} and it did not "
+                                            f"come back in time ({last})")
+            time.sleep(min(pause, remaining))  # bounded by the deadline; nothing to wait on while it is down
+            pause = min(pause * 2, longest)
+
+    def ensure(self, deadline: float | None = None, *, during: str = "") -> bool:
+        """Reopen if the connection was lost; True when it had to (the caller's view may be stale)."""
+        if self.alive():
+            return False
+        self.reopen(deadline if deadline is not None else time.monotonic() + self.window, during=during)
+        return True
+
+    @contextlib.contextmanager
+    def patience(self, seconds: float) -> Iterator[None]:
+        """Let automatic reopens (of reads) take up to ``seconds`` inside this block (a command's --timeout)."""
+        saved, self.window = self.window, max(seconds, 1.0)
+        try:
+            yield
+        finally:
+            self.window = saved
+
+    def close(self) -> None:
+        with contextlib.suppress(libvirt.libvirtError, AttributeError):
+            self._conn.unregisterCloseCallback()
+        self._conn.close()
+
+
+class Domain:
+    """A domain looked up through a ``Connection``: found again by UUID after a reopen, reads asked again.
+
+    A change made through it (attach, detach, setVcpus…) whose connection died raises ConnectionLost
+    (never re-sent: it may have happened); the caller re-reads the state.
+    """
+
+    def __init__(self, conn: Connection, dom: libvirt.virDomain) -> None:
+        self._vh_conn = conn
+        self._vh_dom = dom
+        self._vh_generation = conn.generation
+        self._vh_uuid = dom.UUIDString()
+
+    @property
+    def raw(self) -> libvirt.virDomain:
+        """The current libvirt domain object (found again after a reopen)."""
+        if self._vh_generation != self._vh_conn.generation:
+            try:
+                self._vh_dom = self._vh_conn.raw.lookupByUUIDString(self._vh_uuid)
+            except libvirt.libvirtError as exc:
+                raise translate(exc, f"finding domain {self._vh_uuid} again after reconnecting") from exc
+            self._vh_generation = self._vh_conn.generation
+        return self._vh_dom
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.raw, name)
+        if name.startswith("_") or not callable(attr):
+            return attr  # e.g. _o, which libvirt's own wrappers read when given this object
+        return self._call(name)
+
+    def _call(self, name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            conn = self._vh_conn
+            try:
+                return getattr(self.raw, name)(*args, **kwargs)
+            except libvirt.libvirtError as exc:
+                if conn.alive():
+                    raise
+                if name not in _READS:
+                    raise errors.ConnectionLost(
+                        f"lost the connection to libvirtd at {conn.uri} while asking {name}: "
+                        f"{exc.get_error_message() or exc}") from exc
+                conn.reopen(time.monotonic() + conn.window, during=name)
+            return getattr(self.raw, name)(*args, **kwargs)
+
+        return call
+
+
+def open_connection(uri: str | None) -> Connection:
+    """Open a read-write connection; raise ConnectionFailed with the URI in the message."""
+    silence_default_handler()
+    ensure_event_loop()  # must precede open() for this connection to deliver events (and its close callback)
+    return Connection(uri, _open(uri))
+
+
 @contextlib.contextmanager
-def connection(uri: str | None) -> Iterator[libvirt.virConnect]:
+def connection(uri: str | None) -> Iterator[Connection]:
     """Open a connection for the duration of a command and close it afterwards."""
     conn = open_connection(uri)
     try:
@@ -47,13 +246,22 @@ def connection(uri: str | None) -> Iterator[libvirt.virConnect]:
             conn.close()
 
 
+def reopen_if_lost(obj: libvirt.virConnect | libvirt.virDomain, deadline: float, *, during: str = "") -> bool:
+    """Reopen the reopenable connection behind ``obj`` (a ``Connection``, or a ``Domain`` found through one) if
+    it was lost, until ``deadline``; True when it did. Plain libvirt objects (and test fakes) are left alone."""
+    conn = obj._vh_conn if isinstance(obj, Domain) else obj
+    return conn.ensure(deadline, during=during) if isinstance(conn, Connection) else False
+
+
 def lookup_domain(conn: libvirt.virConnect, ident: str) -> libvirt.virDomain:
     """Find a domain by id, UUID or name, in that order (as virsh does)."""
     ident = ident.strip()
     if not ident:
         raise errors.InvalidRequest("domain name must not be empty")
     attempts = []
-    if ident.isdigit():
+    # A domain id is a C int in libvirt: ASCII digits only (str.isdigit() also takes '²' and other scripts'
+    # digits) and short enough for int() and for libvirt's binding (which overflowed on 99999999999).
+    if ident.isascii() and ident.isdigit() and len(ident) <= 10 and int(ident) <= 2**31 - 1:
         attempts.append(lambda: conn.lookupByID(int(ident)))
     with contextlib.suppress(ValueError):
         uuid.UUID(ident)
@@ -61,7 +269,8 @@ def lookup_domain(conn: libvirt.virConnect, ident: str) -> libvirt.virDomain:
     attempts.append(lambda: conn.lookupByName(ident))
     for attempt in attempts:
         try:
-            return attempt()
+            found = attempt()
+            return Domain(conn, found) if isinstance(conn, Connection) else found
         except libvirt.libvirtError as exc:
             if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                 raise translate(exc, f"looking up domain {ident!r}") from exc
@@ -111,7 +320,7 @@ def still_running(dom: libvirt.virDomain) -> bool:
     """Whether the domain runs now; False too when it vanished meanwhile (for waits and rollbacks)."""
     try:
         return bool(dom.isActive())
-    except libvirt.libvirtError:
+    except (libvirt.libvirtError, errors.DomainNotFound):  # not found again after a reconnect: gone too
         return False
 
 
