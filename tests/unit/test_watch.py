@@ -72,16 +72,16 @@ def test_pci_and_usb_ids_are_normalised_and_described():
     usb = Identity("usb", "46F4:0001")
     assert usb.value == "46f4:0001" and usb.describe() == "USB device 46f4:0001"
     odd = Identity("pci", "Beef:C0DE")
-    assert shlex.split(watch_command(odd, present=False, timeout=2))[5:] == ["pci", "beef:c0de", "0", "200", ""]
+    assert shlex.split(watch_command(odd, present=False, timeout=2))[5:] == ["pci", "beef:c0de", "0", "200", "", ""]
     assert "beef" not in WATCH_SCRIPT.lower()
 
 
 def test_command_passes_identity_as_an_argument_never_in_the_script():
     cmd = watch_command(Identity("disk", "vh-d1"), present=True, timeout=30)
-    assert shlex.split(cmd) == ["exec", "sh", "-c", WATCH_SCRIPT, "sh", "disk", "vh-d1", "1", "3000", ""]
+    assert shlex.split(cmd) == ["exec", "sh", "-c", WATCH_SCRIPT, "sh", "disk", "vh-d1", "1", "3000", "", ""]
     assert "vh-d1" not in WATCH_SCRIPT
     absent = shlex.split(watch_command(Identity("nic", "52:54:00:00:00:01"), present=False, timeout=0.004))
-    assert absent[5:] == ["nic", "52:54:00:00:00:01", "0", "1", ""]
+    assert absent[5:] == ["nic", "52:54:00:00:00:01", "0", "1", "", ""]
 
 
 @pytest.mark.parametrize("timeout", [0, -1, math.nan, math.inf, watch_mod.MAX_TIMEOUT + 1])
@@ -375,9 +375,37 @@ class LocalSession:
         proc = next(p for p in self.procs if p.pid == pid)
         return proc.poll() is None
 
+    def connected(self) -> bool:
+        return True
+
+
+class SeveredSession(LocalSession):
+    """A session whose SSH connection can be cut (``sever``): every open channel then reads end-of-stream,
+    as paramiko's do when the transport dies, until ``reconnect`` logs in again (or fails to)."""
+
+    def __init__(self, bindir: Path) -> None:
+        super().__init__(bindir)
+        self.up = True
+        self.reconnects: list[float] = []
+        self.refuse_login = False
+
+    def sever(self) -> None:
+        self.up = False
+        for chan in self._transport.channels:
+            chan.recv = lambda _n: b""  # type: ignore[method-assign]
+
+    def connected(self) -> bool:
+        return self.up
+
+    def reconnect(self, deadline: float, *, worth_it=None) -> None:  # type: ignore[no-untyped-def]
+        self.reconnects.append(deadline - time.monotonic())
+        if self.refuse_login:
+            raise errors.GuestUnreachable("cannot reach guest at local-busybox: Connection refused")
+        self.up = True
+
 
 @pytest.fixture
-def fake(tmp_path: Path) -> Iterator[tuple[FakeSys, LocalSession]]:
+def fake(tmp_path: Path) -> Iterator[tuple[FakeSys, SeveredSession]]:
     # The guest's PATH holds busybox applets only: sh, usleep (as in the lab image).
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -385,7 +413,7 @@ def fake(tmp_path: Path) -> Iterator[tuple[FakeSys, LocalSession]]:
         (bindir / applet).symlink_to(BUSYBOX)
     # A space and shell syntax in the root path prove the arguments are quoted, not pasted.
     sysfs = FakeSys(tmp_path / "guest root $(x) ;'")
-    session = LocalSession(bindir)
+    session = SeveredSession(bindir)
     yield sysfs, session
     sysfs.stop()
     for proc in session.procs:  # only the watchers this test started, by their own handle
@@ -970,3 +998,51 @@ def test_xen_disk_watch_ignores_other_disks(fake):
 def test_blockdev_identity_refuses_what_is_not_a_disk_name(value):
     with pytest.raises(errors.InvalidRequest):
         Identity("blockdev", value)
+
+
+@needs_busybox
+def test_a_watch_whose_connection_dies_resumes_on_a_new_one(fake):
+    """sshd restarted or a forward stalled mid-watch: log in again, watch on, report what this watch would have."""
+    sysfs, session = fake
+    with watch(session, sysfs, "nic", "52:54:00:12:34:56", timeout=10) as w:
+        later(0.2, session.sever).join()
+        later(0.3, lambda: sysfs.add_nic("eth1", "52:54:00:12:34:56", "0000:07:00.0")).join()
+        seen = w.result()
+    assert (seen.name, seen.driver) == ("eth1", "virtio_net") and seen.detail["resumed"] == "1"
+    assert w.resumed == 1 and len(session.reconnects) == 1
+    assert 8 < session.reconnects[0] <= 10  # the login may take what is left of the watch's time
+    assert 0.4 <= seen.guest_seconds < 5  # counted from the first watcher's start
+
+
+@needs_busybox
+def test_a_resumed_pci_watch_counts_against_the_first_look(fake):
+    """The function that appeared while the connection was down is new to this watch: the resumed watcher is
+    told what matched at the first look, so it neither misses it nor takes the old one."""
+    sysfs, session = fake
+    lab_like_pci(sysfs)
+    with watch(session, sysfs, "pci", "1af4:1041") as w:
+        assert w.initial == MGMT
+        later(0.1, session.sever).join()
+        sysfs.add_netdev(sysfs.add_pci("0000:07:00.0", "1af4:1041", driver="virtio-pci", parent="0000:00:02.6"),
+                         "eth1", virtio=5)
+        seen = w.result()
+    assert (seen.name, seen.detail["net"], seen.detail["resumed"]) == ("0000:07:00.0", "eth1", "1")
+    resumed = session.transport().channels[-1].command
+    assert shlex.split(resumed)[-1] == MGMT  # the first look, handed over as an argument
+
+
+@needs_busybox
+def test_a_guest_that_cannot_be_reached_again_is_reported_so(fake):
+    sysfs, session = fake
+    session.refuse_login = True
+    with watch(session, sysfs, "disk", "vh-d1", timeout=5) as w:
+        later(0.1, session.sever).join()
+        with pytest.raises(errors.GuestUnreachable, match="could not log in again in time: cannot reach guest"):
+            w.result()
+
+
+def test_the_first_look_handed_to_a_resumed_watch_is_checked():
+    with pytest.raises(errors.InvalidRequest):
+        watch_command(Identity("pci", "8086:100e"), present=True, timeout=5, initial="0000:01:00.0;reboot")
+    cmd = watch_command(Identity("pci", "8086:100e"), present=True, timeout=5, initial="0000:01:00.0,0000:02:00.0")
+    assert shlex.split(cmd)[-1] == "0000:01:00.0,0000:02:00.0"

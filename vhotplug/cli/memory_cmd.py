@@ -72,7 +72,7 @@ def add(
         lay = layout(xml)
         session = None if print_xml else open_guest(
             dom, verify=verify, live=is_live, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
-            accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump)
+            accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump, timeout=timeout)
         with session or contextlib.nullcontext():
             block = hotplug.block_bytes(session) if session else DEFAULT_BLOCK_BYTES
             spec = dimm_spec(size=size, node=node, id=id, used_aliases=used_names(xml).aliases, block_bytes=block,
@@ -115,7 +115,7 @@ def remove(
             raise errors.OperationInvalid(f"{domain} is not running: use `vhotplug detach --config` for the "
                                           "definition")
         session = open_guest(dom, verify=verify, live=True, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
-                             accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump)
+                             accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump, timeout=timeout)
         with session or contextlib.nullcontext():
             block = hotplug.block_bytes(session) if session else DEFAULT_BLOCK_BYTES
             outcome = remove_dimm(conn, dom, device, session=session, block_bytes=block, timeout=timeout)
@@ -147,7 +147,7 @@ def balloon_cmd(
         if not is_running(dom):
             raise errors.OperationInvalid(f"{domain} is not running: the balloon only works on a running guest")
         session = open_guest(dom, verify=verify, live=True, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
-                             accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump)
+                             accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump, timeout=timeout)
         with session or contextlib.nullcontext():
             prev, before, after = balloon(dom, size_bytes, session=session, timeout=timeout)
     doc = {"domain": domain, "balloon": {"from_kib": prev, "to_kib": size_bytes // 1024,

@@ -51,7 +51,7 @@ def _run(ctx: typer.Context, domain: str, *, target: int | None, delta: int, liv
         is_live, is_config = affect.live, affect.config
         n = target if target is not None else counts(dom, live=is_live)[0] + delta
         session = open_guest(dom, verify=verify, live=is_live, ssh=ssh, ssh_key=ssh_key, known_hosts=known_hosts,
-                             accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump)
+                             accept_new_host_key=accept_new_host_key, ssh_jump=ssh_jump, timeout=timeout)
         with session or contextlib.nullcontext():
             outcome = set_vcpus(conn, dom, n, live=is_live, config=is_config, session=session, timeout=timeout)
     _report(st.output, domain, outcome)

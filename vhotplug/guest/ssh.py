@@ -16,6 +16,7 @@ import shlex
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -27,6 +28,9 @@ from vhotplug.guest.target import SSHTarget
 
 if TYPE_CHECKING:
     import paramiko
+
+#: First and longest pause between two login attempts (doubling in between).
+LOGIN_BACKOFF = (0.2, 3.0)
 
 # paramiko's transport thread logs failed handshakes (expected while a guest boots)
 # with tracebacks; we report errors ourselves, so keep its log off the terminal.
@@ -44,14 +48,21 @@ class GuestSession:
     """An SSH connection to a guest; use as a context manager."""
 
     def __init__(self, target: SSHTarget, *, accept_new_host_key: bool = False,
-                 connect_timeout: float = 10.0, share: bool = False) -> None:
+                 connect_timeout: float = 10.0, share: bool = False, login_timeout: float | None = None) -> None:
+        """``connect_timeout`` bounds one login attempt. With ``login_timeout`` (a command's --timeout),
+        a login that fails for a reason that may pass (refused, reset, no banner yet, the transport closed
+        during authentication) is tried again with backoff until that many seconds have passed, and the
+        banner and authentication may each take up to the whole of it (a guest under load answers late)."""
         self.target = target
         self._accept_new = accept_new_host_key
         self._timeout = connect_timeout
+        self._login_timeout = login_timeout
         self._share = share
         self._client: paramiko.SSHClient | None = None
         self._mux: mux.MuxClient | None = None
         self._jump: GuestSession | None = None
+        #: Logins that failed and were tried again (for reports).
+        self.retries = 0
 
     @property
     def shared(self) -> bool:
@@ -63,12 +74,43 @@ class GuestSession:
         if self._share and (client := mux.attach(self.target)) is not None:
             self._mux = client
             return self
-        self._connect_direct()
+        self._login()
         if self._share:
             mux.start_master(self.target)
         return self
 
-    def _connect_direct(self) -> None:
+    def reconnect(self, deadline: float, *, worth_it: Callable[[], bool] | None = None) -> None:
+        """Log in again after the connection died (sshd restarted, a stalled forward): directly, retrying
+        until ``deadline`` (a ``time.monotonic()`` value) while ``worth_it()`` (e.g. "the domain still
+        runs") holds."""
+        self.close()
+        self._login(deadline, worth_it)
+
+    def _login(self, deadline: float | None = None, worth_it: Callable[[], bool] | None = None) -> None:
+        """``_connect_direct``, tried again with backoff while it fails for a reason that may pass."""
+        if deadline is None:
+            if self._login_timeout is None:
+                self._connect_direct()
+                return
+            deadline = time.monotonic() + self._login_timeout
+        pause = LOGIN_BACKOFF[0]
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                self._connect_direct(patience=max(remaining, self._timeout))
+                return
+            except errors.GuestHostKeyError:
+                raise  # a wrong or unknown key does not fix itself
+            except errors.GuestUnreachable as exc:
+                if exc.final or time.monotonic() + pause >= deadline or (worth_it and not worth_it()):
+                    raise
+            self.retries += 1
+            time.sleep(pause)  # bounded by the deadline; a guest that refuses has nothing to wait on
+            pause = min(pause * 2, LOGIN_BACKOFF[1])
+
+    def _connect_direct(self, patience: float | None = None) -> None:
+        """One login. ``patience``: how long the banner and authentication may take (default: one attempt's
+        ``connect_timeout``); the TCP connect itself is always bounded by ``connect_timeout``."""
         import paramiko
 
         t = self.target
@@ -90,11 +132,14 @@ class GuestSession:
         else:
             client.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:
-            sock = self._open_socket()
+            sock = self._open_socket(patience)
             client.connect(
                 t.host, port=t.port, username=t.user, sock=sock,
                 key_filename=str(t.key) if t.key else None,
-                timeout=self._timeout, banner_timeout=self._timeout, auth_timeout=self._timeout,
+                # With our own socket, paramiko's ``timeout`` bounds the key exchange (start_client), which
+                # returns *without* an error when it runs out ("No existing session" follows at auth).
+                timeout=patience or self._timeout, banner_timeout=patience or self._timeout,
+                auth_timeout=patience or self._timeout,
                 allow_agent=t.key is None, look_for_keys=t.key is None,
             )
         except paramiko.BadHostKeyException as exc:
@@ -106,7 +151,7 @@ class GuestSession:
         except paramiko.AuthenticationException as exc:
             client.close()
             raise errors.GuestUnreachable(f"SSH authentication to {t} failed: {exc}",
-                                          hint="check --ssh-key") from exc
+                                          hint="check --ssh-key", final=True) from exc
         except paramiko.SSHException as exc:
             client.close()
             if "not found in known_hosts" in str(exc):
@@ -121,20 +166,27 @@ class GuestSession:
             raise errors.GuestUnreachable(f"cannot reach guest at {t} ({t.source}): {reason}") from exc
         self._client = client
 
-    def _open_socket(self) -> Any:
+    def _open_socket(self, patience: float | None) -> Any:
         """A TCP connection to the guest, or a channel to it through the jump host (ProxyJump)."""
         t = self.target
         if t.jump is None:
             return _open_socket(t, self._timeout)
         # The jump host is logged into first, with its own host-key check, then forwards to the guest.
         self._jump = GuestSession(t.jump, accept_new_host_key=self._accept_new, connect_timeout=self._timeout)
-        self._jump._connect_direct()
+        self._jump._connect_direct(patience)
         try:
             return self._jump.transport().open_channel("direct-tcpip", (t.host, t.port), ("127.0.0.1", 0),
-                                                       timeout=self._timeout)
+                                                       timeout=patience or self._timeout)
         except ssh_errors() as exc:
             self._jump.close()
             raise errors.GuestUnreachable(f"jump host {t.jump} cannot reach {t.host}:{t.port}: {exc}") from exc
+
+    def connected(self) -> bool:
+        """Whether the connection still stands (the sharing master still answers, or our transport is up)."""
+        if self._mux is not None:
+            return self._mux.hello()
+        transport = self._client.get_transport() if self._client is not None else None
+        return transport is not None and transport.is_active()
 
     def close(self) -> None:
         self._mux = None
@@ -200,7 +252,7 @@ class GuestSession:
                 return self._mux.open_exec(command, timeout=timeout)
             except OSError:
                 self._mux = None
-                self._connect_direct()
+                self._login()
         chan = self.transport().open_session(timeout=timeout)
         chan.exec_command(command)
         return chan
@@ -212,7 +264,7 @@ class GuestSession:
         run on the same connection; ``run`` cannot give it one.
         """
         if self._client is None:
-            self._connect_direct()
+            self._login()
         assert self._client is not None
         transport = self._client.get_transport()
         if transport is None or not transport.is_active():

@@ -29,15 +29,18 @@ matching devices at its first look (``Watch.initial``, comma-separated) and only
 changes against that set: "present" is a *new* match (a PCI function with a driver bound;
 a USB device, preferably with an interface driver bound), "absent" is one of the initial
 matches gone (``was=``). A new network-class function is reported once its interface
-shows (``net=``), a new USB device once an interface driver is bound, each at most
+shows (``net=``), a new virtio-blk function once its disk shows (``block=``), a new USB device
+once an interface driver is bound, each at most
 ``BIND_GRACE`` later (then without it: a device the guest has no driver for).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
@@ -67,7 +70,9 @@ BIND_GRACE = 2.0
 
 # Positional arguments: $1 kind (nic|disk|pci|usb), $2 MAC, serial or VVVV:PPPP ids,
 # $3 1=present 0=absent, $4 deadline in centiseconds of guest uptime from start, $5 a
-# directory standing in for / ("" in a real guest; the unit tests point it at a fake sysfs).
+# directory standing in for / ("" in a real guest; the unit tests point it at a fake sysfs), $6 (optional,
+# pci/usb) the devices that matched at an earlier watcher's first look, comma-separated: a watch resumed
+# after a lost SSH connection counts changes against those, not against what it finds now.
 #
 # Every step inside the loop is a builtin (read, [, case, cd -P, arithmetic) except the
 # ~20 ms usleep, so one poll stays cheap even under TCG. ``cd -P DIR; $PWD`` replaces
@@ -200,14 +205,19 @@ ids_new() {
       [ -e "$d/driver" ] || { last=$b need=driver; continue; }
       firstof "$d"/net/* "$d"/virtio*/net/*
       net=$hit
-      if [ -z "$net" ]; then
-        c=
-        read -r c 2>/dev/null < "$d/class"
-        case $c in 0x02*) waiting "$b" && { last=$b need=net; continue; } ;; esac
-      fi
       drvof "$d/driver"
       firstof "$d"/block/* "$d"/virtio*/block/*
       blk=$hit
+      c=
+      read -r c 2>/dev/null < "$d/class"
+      if [ -z "$net" ]; then
+        case $c in 0x02*) waiting "$b" && { last=$b need=net; continue; } ;; esac
+      fi
+      # virtio-blk: virtio-pci binds first, the disk follows (seen on the lab: reported without it).
+      # Other storage controllers (AHCI) have their disks further down, found by the guest later.
+      if [ -z "$blk" ] && [ "$drv" = virtio-pci ]; then
+        case $c in 0x01*) waiting "$b" && { last=$b need=block; continue; } ;; esac
+      fi
     else
       drv=
       for i in "$d"/*:*/driver; do [ -e "$i" ] && { drvof "$i"; break; }; done
@@ -239,7 +249,13 @@ while :; do
   if [ "$polls" = 0 ]; then
     end=$((cs + limit))
     first=$name
-    case $kind in pci|usb) init=$cur; commas "$init"; first=$lst ;; esac
+    if [ -n "$6" ]; then  # a resumed watch: the devices matching at the first watch's look
+      init=' '
+      for b in $(IFS=,; echo $6); do init="$init$b "; done
+    else
+      init=$cur
+    fi
+    case $kind in pci|usb) commas "$init"; first=$lst ;; esac
     echo "start $up $$ ${first:--}"
   fi
   polls=$((polls + 1))
@@ -413,22 +429,31 @@ def parse_line(line: str) -> WatchLine:
     raise ValueError(f"unexpected line from the guest watcher: {line!r}")
 
 
-def watch_command(identity: Identity, *, present: bool, timeout: float, sysroot: str = "") -> str:
+#: Names the watcher may be told matched earlier (PCI BDFs, USB device names), comma-separated.
+INITIAL_RE = re.compile(r"[0-9A-Za-z:.\-]+(,[0-9A-Za-z:.\-]+)*")
+
+
+def watch_command(identity: Identity, *, present: bool, timeout: float, sysroot: str = "",
+                  initial: str = "") -> str:
     """The command line that runs the watcher: the fixed script plus quoted positional arguments."""
     if not 0 < timeout <= MAX_TIMEOUT:
         raise errors.InvalidRequest(f"watch timeout must be between 0 and {MAX_TIMEOUT:g} s, not {timeout:g}")
+    if initial and not INITIAL_RE.fullmatch(initial):
+        raise errors.InvalidRequest(f"not a list of device names: {initial!r}")
     centis = max(1, round(timeout * 100))
     # exec: the watcher itself is the process the SSH server waits on, so its PID is the one to stop.
     return "exec " + shlex.join(["sh", "-c", WATCH_SCRIPT, "sh", identity.kind, identity.value,
-                                 "1" if present else "0", str(centis), sysroot])
+                                 "1" if present else "0", str(centis), sysroot, initial])
 
 
 class Watch:
     """A running watcher in the guest; get the outcome with ``result()``, or ``cancel()`` it."""
 
     def __init__(self, session: GuestSession, channel: Any, identity: Identity, *, present: bool,
-                 timeout: float) -> None:
+                 timeout: float, sysroot: str = "", worth_it: Callable[[], bool] | None = None) -> None:
         self._session = session
+        self._sysroot = sysroot
+        self._worth_it = worth_it
         self._chan = channel
         self.identity = identity
         self.present = present
@@ -446,6 +471,8 @@ class Watch:
         #: for pci/usb all matching devices then, comma-separated (the ones a new match must not be).
         self.initial = ""
         self.pid = 0
+        #: How often the SSH connection was lost and the watch resumed on a new one.
+        self.resumed = 0
 
     # -- plumbing -------------------------------------------------------
     def _stderr(self) -> str:
@@ -484,6 +511,9 @@ class Watch:
 
     def _next(self, deadline: float) -> WatchLine:
         line = self._readline(deadline)
+        if line is None and not self._session.connected():  # the end of the connection, not of the watcher
+            self._finish(wait=False)
+            raise errors.GuestUnreachable(f"lost the SSH connection to {self._session.target}")
         if line is None:
             stderr = self._stderr()
             status = self._finish()
@@ -498,7 +528,7 @@ class Watch:
             self.cancel()
             raise errors.GuestCommandFailed(f"{exc} (stderr: {self._stderr()[:200]})") from exc
 
-    def _finish(self) -> int:
+    def _finish(self, *, wait: bool = True) -> int:
         """Let the watcher's exit reach us, then close its channel; return its exit status (-1: unknown).
 
         Closing before the SSH server has reaped the process races dropbear: it can free the
@@ -507,9 +537,10 @@ class Watch:
         """
         self._done = True
         status = -1
-        if self._chan.status_event.wait(CLOSE_WAIT):
+        if wait and self._chan.status_event.wait(CLOSE_WAIT):
             status = self._chan.recv_exit_status()
-        self._chan.close()
+        with contextlib.suppress(*ssh_errors()):
+            self._chan.close()
         return status
 
     def _wait_start(self) -> None:
@@ -548,6 +579,8 @@ class Watch:
         deadline = self.started_at + self.timeout + RESULT_GRACE
         try:
             line = self._next(deadline)
+        except errors.GuestUnreachable as exc:
+            return self._resume(exc)
         except TimeoutError:
             self.cancel()
             raise errors.Timeout(
@@ -564,8 +597,9 @@ class Watch:
                 if self.identity.kind == "nic" and last:
                     msg += f" ({last} has that MAC but no driver bound)"
                 elif self.identity.kind == "pci" and last:
-                    msg += (f" ({last} is present but no driver bound)" if need == "driver" else
-                            f" ({last} is present, bound, but shows no network interface yet)")
+                    msg += {"driver": f" ({last} is present but no driver bound)",
+                            "block": f" ({last} is present, bound, but shows no disk yet)"}.get(
+                        need, f" ({last} is present, bound, but shows no network interface yet)")
                 elif self.identity.kind == "usb" and last:
                     msg += f" ({last} is present but no interface driver bound yet)"
             else:
@@ -578,6 +612,31 @@ class Watch:
         self._finish()
         guest_seconds = max(0.0, round(line.uptime - self.guest_started, 2))
         self._seen = Seen(line.name, line.driver, guest_seconds, line.detail)
+        return self._seen
+
+    def _resume(self, lost: errors.GuestUnreachable) -> Seen:
+        """The SSH connection died mid-watch (sshd restarted, a forward that stalled): log in again and watch
+        on for what is left of the time, against the same first look, so the answer is the one this watch
+        would have given. Raises GuestUnreachable when the guest cannot be reached again in that time."""
+        self._done = True
+        remaining = self.started_at + self.timeout - time.monotonic()
+        what = f"the {self.identity.describe()} to {'show' if self.present else 'go'}"
+        try:
+            if remaining <= 0:
+                raise lost
+            self._session.reconnect(time.monotonic() + remaining, worth_it=self._worth_it)
+            again = start_watch(self._session, self.identity, present=self.present, timeout=max(remaining, 1.0),
+                                sysroot=self._sysroot, worth_it=self._worth_it,
+                                initial=self.initial if self.identity.kind in ("pci", "usb") else "")
+        except errors.GuestUnreachable as exc:
+            raise errors.GuestUnreachable(f"lost the SSH connection to {self._session.target} while waiting for "
+                                          f"{what}, and could not log in again in time: {exc.message}") from exc
+        seen = again.result()
+        self.resumed = 1 + again.resumed
+        self.finished_at = again.finished_at
+        # Guest time since this watch's start, across both watchers (host clock for the gap between them).
+        since = max(0.0, round(again.started_at - self.started_at + seen.guest_seconds, 2))
+        self._seen = Seen(seen.name, seen.driver, since, {**seen.detail, "resumed": str(self.resumed)})
         return self._seen
 
     def cancel(self) -> None:
@@ -601,21 +660,22 @@ class Watch:
 
 
 def start_watch(session: GuestSession, identity: Identity, *, present: bool, timeout: float,
-                sysroot: str = "") -> Watch:
+                sysroot: str = "", initial: str = "", worth_it: Callable[[], bool] | None = None) -> Watch:
     """Start the in-guest watcher and return once it is live (its ``start`` line has arrived).
 
     ``present`` True waits for the device to appear with a driver bound (pci/usb: a device
     that did not match at the first look); False waits until the guest has no such device
     (pci/usb: until one of the devices matching at the first look is gone). ``timeout``
     (seconds) is enforced by the guest on its own clock. ``sysroot`` is for tests: a directory
-    read in place of / (for /sys and /proc).
+    read in place of / (for /sys and /proc). ``initial``: see ``watch_command`` (a resumed watch). A watch
+    whose SSH connection dies logs in again while ``worth_it()`` holds (default: until its time is up).
     """
-    command = watch_command(identity, present=present, timeout=timeout, sysroot=sysroot)
+    command = watch_command(identity, present=present, timeout=timeout, sysroot=sysroot, initial=initial)
     try:
         channel = session.open_exec(command, timeout=START_TIMEOUT)
     except ssh_errors() as exc:
         raise errors.GuestUnreachable(f"cannot start the watcher in guest {session.target}: {exc}") from exc
-    watch = Watch(session, channel, identity, present=present, timeout=timeout)
+    watch = Watch(session, channel, identity, present=present, timeout=timeout, sysroot=sysroot, worth_it=worth_it)
     watch._wait_start()
     return watch
 
