@@ -14,7 +14,10 @@ PY=${PYTHON:-python3}
 
 PKGS=(libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3-dev
       qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu
-      linux-image-amd64 busybox-static dropbear-bin kmod cpio openssh-client iproute2)
+      linux-image-amd64 busybox-static dropbear-bin kmod cpio openssh-client iproute2
+      # The non-root operator test runs vhotplug from a venv of Debian's own Python (root's venv Python
+      # may sit where other users cannot read it), with Debian's builds of the runtime dependencies.
+      python3-venv python3-libvirt python3-lxml python3-paramiko python3-tabulate passwd)
 
 log() { printf 'setup: %s\n' "$*"; }
 
@@ -64,7 +67,11 @@ else
         for _ in $(seq 50); do [[ -s /run/virtlogd.pid ]] && break; sleep 0.1; done
         echo "virtlogd $(cat /run/virtlogd.pid)" >>"$PIDFILE"
     fi
-    libvirtd -d
+    # As Debian's packages would with polkit: members of the libvirt group may use qemu:///system (there
+    # is no polkit here, so the socket is opened to the group instead). Root is unaffected.
+    conf=$STATE/libvirtd.conf
+    printf '%s\n' 'unix_sock_group = "libvirt"' 'unix_sock_rw_perms = "0770"' 'auth_unix_rw = "none"' >"$conf"
+    libvirtd -d -f "$conf"
     for _ in $(seq 300); do
         virsh -q -c qemu:///system version >/dev/null 2>&1 && break
         sleep 0.1
@@ -73,3 +80,18 @@ else
     virsh -q -c qemu:///system version >/dev/null || { echo "setup: libvirtd did not come up" >&2; exit 1; }
     log "libvirtd up ($(virsh -c qemu:///system version | grep -i 'running hypervisor' || true))"
 fi
+
+# Directories every vhotplug user shares through the libvirt group (vhotplug/host/shared.py): setgid,
+# group-writable; the journal is not world-readable. Made (or fixed, if an older vhotplug made them
+# root-only) here because only root can create them under /run and /var/lib.
+run=${VHOTPLUG_RUN_DIR:-/run/vhotplug}
+for d in "$run" "$run/locks" "$run/pending-detach"; do
+    install -d -g libvirt -m 2775 "$d"
+    chgrp libvirt "$d" && chmod 2775 "$d"
+done
+install -d -g libvirt -m 2770 "$STATE/journal"
+chgrp libvirt "$STATE/journal" && chmod 2770 "$STATE/journal"
+for f in "$run"/locks/*.lock "$run"/pending-detach/*.json; do
+    [[ -f $f && ! -L $f ]] && chgrp libvirt "$f" && chmod g+rw "$f"
+done
+log "shared directories ready for the libvirt group ($run, $STATE/journal)"

@@ -35,6 +35,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vhotplug.errors import VhotplugError
+from vhotplug.shared import shared_dir
+
 if TYPE_CHECKING:
     from vhotplug.guest.target import SSHTarget
 
@@ -54,7 +57,9 @@ def persist_seconds() -> float:
 
 
 def socket_dir() -> Path:
-    return Path(os.environ.get("VHOTPLUG_RUN_DIR") or "/run/vhotplug") / "ssh"
+    """Per user (a socket there speaks for that user's logins): ``ssh`` for root, ``ssh-UID`` for others."""
+    uid = os.geteuid()
+    return Path(os.environ.get("VHOTPLUG_RUN_DIR") or "/run/vhotplug") / ("ssh" if uid == 0 else f"ssh-{uid}")
 
 
 def _identity(target: SSHTarget) -> dict[str, object]:
@@ -258,14 +263,15 @@ def start_master(target: SSHTarget) -> None:
     if persist <= 0 or (path := socket_path(target)) is None:
         return
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        shared_dir(path.parent.parent)  # an operator makes its own directory in the one root shares
+        path.parent.mkdir(mode=0o700, exist_ok=True)
         os.chmod(path.parent, 0o700)
         spec = json.dumps({**_identity(target), "source": target.source})
         _started.append(subprocess.Popen(
             [sys.executable, "-m", "vhotplug.guest.mux", str(path), spec, str(persist)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True, close_fds=True, cwd="/"))
-    except OSError:
+    except (OSError, VhotplugError):
         pass  # sharing is an optimisation: the command goes on with its own connection
 
 

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vhotplug import errors
+from vhotplug.shared import group_writable, shared_dir
 
 #: Steps, in the order an operation takes them; ``recover`` undoes or completes each by looking.
 HOST_DETACH = "host-detach"  # take the PCI function from its host driver (nodedev detach)
@@ -102,9 +103,11 @@ class Entry:
 def _write(entry: Entry) -> None:
     directory = journal_dir()
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Shared with the libvirt group (not with everyone): an operator's record is root's to recover too.
+        shared_dir(directory, world_readable=False, what="the journal directory", env="VHOTPLUG_STATE_DIR")
         tmp = directory / f".{entry.id}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o660)
+        group_writable(fd)
         with os.fdopen(fd, "w") as f:
             json.dump(entry.to_dict(), f, indent=1, sort_keys=True)
             f.flush()
@@ -118,7 +121,8 @@ def _write(entry: Entry) -> None:
     except OSError as exc:
         raise errors.VhotplugError(
             f"cannot write the journal in {directory}: {exc.strerror or exc}",
-            hint="run vhotplug as root, or point VHOTPLUG_STATE_DIR to a writable directory",
+            hint="be in the libvirt group (the journal is shared with it) or run as root; or point "
+                 "VHOTPLUG_STATE_DIR to a writable directory",
         ) from exc
 
 

@@ -34,6 +34,7 @@ from types import TracebackType
 from vhotplug import errors
 from vhotplug.addresses import Bdf, UsbDevice
 from vhotplug.errors import ExitCode
+from vhotplug.shared import group_writable, shared_dir
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _PID = re.compile(r"[0-9]{1,10}")
@@ -150,26 +151,34 @@ def _recorded_pid(path: Path) -> int | None:
 
 
 def _ensure_dir() -> Path:
-    directory = lock_dir()
-    try:
-        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise errors.VhotplugError(
-            f"cannot create the lock directory {directory}: {exc.strerror}",
-            hint="run vhotplug as root, or point VHOTPLUG_RUN_DIR to a writable directory",
-        ) from exc
-    return directory
+    # Shared with the libvirt group: root and operators lock the same files (vhotplug.shared).
+    return shared_dir(lock_dir(), what="the lock directory")
 
 
 def _open(path: Path) -> int:
+    # O_NOFOLLOW: a symlink planted in the lock directory must not make root truncate another file.
+    flags = os.O_CLOEXEC | os.O_NOFOLLOW
     try:
-        # O_NOFOLLOW: a symlink planted in the lock directory must not make root truncate another file.
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        fd = os.open(path, flags | os.O_RDWR | os.O_CREAT, 0o664)
+    except PermissionError:
+        try:
+            # A file another user made before files were group-writable: flock needs only a descriptor,
+            # so lock it read-only (the holder's PID is then not recorded in it).
+            return os.open(path, flags | os.O_RDONLY)
+        except OSError as exc:
+            raise _unopenable(path, exc) from exc
     except OSError as exc:
-        raise errors.VhotplugError(
-            f"cannot open the lock file {path}: {exc.strerror}",
-            hint="run vhotplug as the same user as other vhotplug runs (usually root)",
-        ) from exc
+        raise _unopenable(path, exc) from exc
+    with contextlib.suppress(OSError):
+        group_writable(fd)  # whatever our umask: the next user of the libvirt group must reopen it
+    return fd
+
+
+def _unopenable(path: Path, exc: OSError) -> errors.VhotplugError:
+    return errors.VhotplugError(
+        f"cannot open the lock file {path}: {exc.strerror}",
+        hint=f"vhotplug's users share {path.parent} through the libvirt group: be in that group, or run as root",
+    )
 
 
 def _take(key: str, path: Path, *, wait: bool, deadline: float | None, timeout: float | None) -> int:
@@ -250,8 +259,8 @@ class _Waiter:
 
     def _run(self) -> None:
         try:
-            fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError as exc:
+            fd = _open(self._path)
+        except errors.VhotplugError as exc:
             self._finish(None, exc)
             return
         try:
@@ -273,8 +282,9 @@ class _Waiter:
 
 
 def _record_pid(fd: int) -> None:
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    with contextlib.suppress(OSError):  # a descriptor opened read-only (see _open) locks without it
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
 
 def _release_all(held: list[tuple[str, int]]) -> None:
