@@ -18,6 +18,7 @@ from vhotplug import errors
 from vhotplug.addresses import Bdf, UsbDevice, UsbSpec, match_usb
 from vhotplug.host.inventory import NodeDev, parse_nodedev_xml
 from vhotplug.host.sysfs import PASSTHROUGH_DRIVERS
+from vhotplug.virt.connection import RECONNECT_WINDOW, Connection, reopen_if_lost
 from vhotplug.virt.errors import translate
 
 
@@ -57,6 +58,18 @@ def current_driver(dev: libvirt.virNodeDevice) -> str | None:
 def on_passthrough_driver(driver: str | None) -> bool:
     """True when the function is held for passthrough (vfio-pci, pci-stub, ...) or bound to nothing."""
     return driver is None or driver in PASSTHROUGH_DRIVERS
+
+
+def current(conn: libvirt.virConnect, dev: libvirt.virNodeDevice) -> libvirt.virNodeDevice:
+    """``dev`` as the connection knows it now: looked up again when libvirtd went away and ``conn`` was (or is
+    now) reopened, since a node device object stays bound to the connection it came from."""
+    if reopen_if_lost(conn, time.monotonic() + RECONNECT_WINDOW, during=f"looking at {dev.name()}") or (
+            isinstance(conn, Connection) and dev.connect() is not conn.raw):
+        try:
+            return conn.nodeDeviceLookupByName(dev.name())
+        except libvirt.libvirtError as exc:
+            raise translate(exc, f"finding {dev.name()} again after reconnecting") from exc
+    return dev
 
 
 def detach_from_host(dev: libvirt.virNodeDevice) -> None:

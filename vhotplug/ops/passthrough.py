@@ -296,6 +296,7 @@ def _take_from_guest(conn: libvirt.virConnect, dom: libvirt.virDomain, alias: st
 
 def _give_back_to_host(conn: libvirt.virConnect, dev: libvirt.virNodeDevice) -> list[str]:
     try:
+        dev = nodedev.current(conn, dev)  # libvirtd may have restarted since it was looked up
         if nodedev.on_passthrough_driver(nodedev.current_driver(dev)):
             nodedev.reattach_to_host(conn, dev)
     except errors.VhotplugError as exc:
@@ -375,6 +376,8 @@ def detach_hostdev(conn: libvirt.virConnect, dom: libvirt.virDomain, ref: str, e
         journal.finish(entry)
         raise
     reattached, driver_now = False, node.driver if node else None
+    if dev is not None:
+        dev = nodedev.current(conn, dev)  # libvirtd may have restarted during the wait
     if host_step and dev is not None:
         journal.step(entry, journal.HOST_REATTACH)
         with _shielded():

@@ -71,34 +71,17 @@ class Connection:
         self.uri = uri
         self.generation = 0  # bumped by each reopen
         self.reconnects = 0
-        self.window = RECONNECT_WINDOW
         self._lost = threading.Event()
         self._listeners: list[Callable[[], None]] = []
         self._watch_close()
 
     def __getattr__(self, name: str) -> Any:
+        # Calls on a dead connection: lookups and event registrations go to a reopened one (a Domain given as
+        # an argument finds itself again there); anything else raises ConnectionLost, never re-sent.
         attr = getattr(self._conn, name)
         if name.startswith("_") or not callable(attr):
             return attr
-        return self._call(name)
-
-    def _call(self, name: str) -> Callable[..., Any]:
-        """Calls on a dead connection: lookups and event registrations go to a reopened one (a Domain given
-        as an argument finds itself again there); anything else raises ConnectionLost, never re-sent."""
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return getattr(self._conn, name)(*args, **kwargs)
-            except libvirt.libvirtError as exc:
-                if self.alive():
-                    raise
-                if name not in _CONN_AGAIN:
-                    raise errors.ConnectionLost(f"lost the connection to libvirtd at {self.uri} while asking "
-                                                f"{name}: {exc.get_error_message() or exc}") from exc
-                self.reopen(time.monotonic() + self.window, during=name)
-            return getattr(self._conn, name)(*args, **kwargs)
-
-        return call
+        return _guarded(self, name, _CONN_AGAIN, lambda: self._conn)
 
     def _watch_close(self) -> None:
         with contextlib.suppress(libvirt.libvirtError, AttributeError):
@@ -162,17 +145,8 @@ class Connection:
         """Reopen if the connection was lost; True when it had to (the caller's view may be stale)."""
         if self.alive():
             return False
-        self.reopen(deadline if deadline is not None else time.monotonic() + self.window, during=during)
+        self.reopen(deadline if deadline is not None else time.monotonic() + RECONNECT_WINDOW, during=during)
         return True
-
-    @contextlib.contextmanager
-    def patience(self, seconds: float) -> Iterator[None]:
-        """Let automatic reopens (of reads) take up to ``seconds`` inside this block (a command's --timeout)."""
-        saved, self.window = self.window, max(seconds, 1.0)
-        try:
-            yield
-        finally:
-            self.window = saved
 
     def close(self) -> None:
         with contextlib.suppress(libvirt.libvirtError, AttributeError):
@@ -208,24 +182,26 @@ class Domain:
         attr = getattr(self.raw, name)
         if name.startswith("_") or not callable(attr):
             return attr  # e.g. _o, which libvirt's own wrappers read when given this object
-        return self._call(name)
+        return _guarded(self._vh_conn, name, _READS, lambda: self.raw)
 
-    def _call(self, name: str) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            conn = self._vh_conn
-            try:
-                return getattr(self.raw, name)(*args, **kwargs)
-            except libvirt.libvirtError as exc:
-                if conn.alive():
-                    raise
-                if name not in _READS:
-                    raise errors.ConnectionLost(
-                        f"lost the connection to libvirtd at {conn.uri} while asking {name}: "
-                        f"{exc.get_error_message() or exc}") from exc
-                conn.reopen(time.monotonic() + conn.window, during=name)
-            return getattr(self.raw, name)(*args, **kwargs)
 
-        return call
+def _guarded(conn: Connection, name: str, again: frozenset[str], target: Callable[[], Any]) -> Callable[..., Any]:
+    """``target().name`` that outlives a lost connection: asked again on a reopened one when ``name`` is in
+    ``again`` (reads, lookups), else ConnectionLost (it may have happened: the caller reads the state)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return getattr(target(), name)(*args, **kwargs)
+        except libvirt.libvirtError as exc:
+            if conn.alive():
+                raise
+            if name not in again:
+                raise errors.ConnectionLost(f"lost the connection to libvirtd at {conn.uri} while asking {name}: "
+                                            f"{exc.get_error_message() or exc}") from exc
+            conn.reopen(time.monotonic() + RECONNECT_WINDOW, during=name)
+        return getattr(target(), name)(*args, **kwargs)
+
+    return call
 
 
 def open_connection(uri: str | None) -> Connection:
