@@ -20,10 +20,12 @@ from lxml import etree
 
 from tests.nested.conftest import report
 from vhotplug.cli import main
+from vhotplug.errors import ExitCode
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.guest.target import target_from_metadata
 from vhotplug.host import journal, nodedev
 from vhotplug.lab import manager
+from vhotplug.virt.connection import connection
 
 E1000 = "0000:00:05.0"  # L1's e1000, alone in its IOMMU group
 SATA = "0000:00:06.0"  # L1's spare AHCI controller with a 16 MiB partitioned disk (serial vh-l1sata)
@@ -60,14 +62,14 @@ def vh(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def l2(l1, request: pytest.FixtureRequest) -> Iterator[L2]:
     name = f"vhl-l2-{os.getpid()}"
-    conn = libvirt.open(l1.uri)
     try:
-        up = manager.up(conn, name, timeout=400)
+        with connection(l1.uri) as conn:
+            up = manager.up(conn, name, timeout=400)
         report(request.config, f"L2 {name}: booted inside L1 to SSH in {up.boot_seconds:.1f} s (nested TCG)")
         yield L2(name, up.boot_seconds)
     finally:
-        manager.down(conn, name)
-        conn.close()
+        with connection(l1.uri) as conn:  # a connection of its own: L1's libvirtd restarts in between
+            manager.down(conn, name)
 
 
 def l1_driver(l1, bdf: str = E1000) -> str:
@@ -256,6 +258,68 @@ def test_sata_controller_passthrough(l1, l2, capsys, request):
     assert json.loads(out)["detached"]["host"]["driver_now"] == "ahci" and l1_driver(l1, SATA) == "ahci"
     report(request.config, f"SATA controller passthrough into L2: ahci bound {att['guest_seen_seconds']:.1f} s "
            f"after the attach, disk {name} (16 MiB, partition {parts}) seen; back on ahci in L1")
+
+
+def restart_l1_libvirtd(l1) -> float:
+    """End L1's libvirtd by the PID it recorded (the lab's init started it, and respawns it) and wait until the
+    new one answers over the URI; returns the seconds it took."""
+    started = time.monotonic()
+    with GuestSession(l1.target) as s:
+        old = s.run(["cat", "/run/libvirtd.pid"]).stdout.strip()
+        s.run(["kill", old])
+    deadline = started + 180
+    while True:  # bounded poll: answering again over qemu+ssh is the event, and nothing announces it
+        with contextlib.suppress(libvirt.libvirtError):
+            conn = libvirt.open(l1.uri)
+            conn.close()
+            with GuestSession(l1.target) as s:
+                if s.run(["cat", "/run/libvirtd.pid"], check=False).stdout.strip() not in ("", old):
+                    return time.monotonic() - started
+        assert time.monotonic() < deadline, "L1's libvirtd did not come back"
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("driver_comes_back", [True, False], ids=["verified", "rolled-back"])
+def test_passthrough_attach_survives_l1s_libvirtd_restart(l1, l2, tmp_path, capsys, request, driver_comes_back):
+    """L1's libvirtd restarts while the attach waits for L2 (its e1000 driver unloaded, so the wait lasts): the
+    attach reconnects over qemu+ssh and ends verified, or rolled back through the new connection with the e1000
+    back on its L1 driver; the journal is empty either way."""
+    env = {**os.environ, "VHOTPLUG_STATE_DIR": str(tmp_path / "state")}
+    l2_run(l1, l2, ["rmmod", "e1000"])
+    proc = subprocess.Popen([sys.executable, "-m", "vhotplug", "-c", l1.uri, "-o", "json", "attach", "pci",
+                             l2.name, E1000, "--id", "rsl", "--timeout", "180" if driver_comes_back else "40"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        conn = libvirt.open(l1.uri)
+        try:
+            dev, dom = conn.nodeDeviceLookupByName("pci_0000_00_05_0"), conn.lookupByName(l2.name)
+            deadline = time.monotonic() + 120
+            while nodedev.current_driver(dev) != "vfio-pci" or "ua-rsl" not in dom.XMLDesc(0):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.1)
+        finally:
+            conn.close()
+        took = restart_l1_libvirtd(l1)
+        if driver_comes_back:
+            l2_run(l1, l2, ["sh", "-c", f"insmod {E1000_KO}"])
+        out, err = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # the vhotplug this test started
+        l2_run(l1, l2, ["sh", "-c", f"grep -q '^e1000 ' /proc/modules || insmod {E1000_KO}"])
+    if driver_comes_back:
+        assert proc.returncode == 0, err
+        att = json.loads(out)["attached"]
+        assert att["guest"]["driver"] == "e1000" and l1_driver(l1) == "vfio-pci"
+        code, _out, err = vh(capsys, "-c", l1.uri, "detach", l2.name, "rsl", "--timeout", "120")
+        assert code == 0, err
+        report(request.config, f"L1's libvirtd restarted ({took:.1f} s) during a passthrough attach's check: "
+                               "reconnected, verified in L2")
+    else:
+        assert proc.returncode == ExitCode.TIMEOUT, err
+        assert "rolled back" in err and "is back on the host (on its host driver e1000)" in err, err
+    assert l1_driver(l1) == "e1000"
+    assert not list((tmp_path / "state").glob("journal/*.json"))
 
 
 def test_guest_destroyed_mid_attach_leaves_the_device_on_l1(l1, l2, tmp_path):
