@@ -75,6 +75,20 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
         manager.down(conn, name)
 
 
+@contextlib.contextmanager
+def own_lab(config: pytest.Config, prefix: str, why: str) -> Iterator[LabDomain]:
+    """A lab domain of a module's own (``vhl-PREFIX-PID``, PREFIX one of _TEST_LAB's), removed afterwards."""
+    name = f"vhl-{prefix}-{os.getpid()}"
+    with connection(URI) as conn:
+        up = manager.up(conn, name, timeout=300)
+    report(config, f"\nlab {name}: booted to SSH in {up.boot_seconds:.1f} s ({why})")
+    try:
+        yield up.domain
+    finally:
+        with connection(URI) as conn:
+            manager.down(conn, name)
+
+
 @pytest.fixture
 def conn() -> Iterator[libvirt.virConnect]:
     c = open_connection(URI)

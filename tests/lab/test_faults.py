@@ -17,14 +17,12 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from tests.lab.conftest import E1000_KO, URI, live_aliases, report, until, vhotplug
+from tests.lab.conftest import E1000_KO, URI, live_aliases, own_lab, report, until, vhotplug
 from tests.support import restart_libvirtd
 from vhotplug.errors import ExitCode
 from vhotplug.guest.probe import guest_view
 from vhotplug.guest.ssh import GuestSession, wait_for_ssh
-from vhotplug.lab import manager
 from vhotplug.lab.manager import LabDomain
-from vhotplug.virt.connection import connection
 
 
 def on_domain(name: str, action: str) -> None:
@@ -116,13 +114,8 @@ def test_attach_verify_survives_a_libvirtd_restart(lab, run_dir, given_back, req
 @pytest.fixture(scope="module")
 def doomed(request: pytest.FixtureRequest) -> Iterator[LabDomain]:
     """A lab domain of its own, whose QEMU the tests kill (and start again)."""
-    name = f"vhl-qemu-{os.getpid()}"
-    with connection(URI) as conn:
-        up = manager.up(conn, name, timeout=300)
-    report(request.config, f"\nlab {name}: booted to SSH in {up.boot_seconds:.1f} s (QEMU-killed tests)")
-    yield up.domain
-    with connection(URI) as conn:
-        manager.down(conn, name)
+    with own_lab(request.config, "qemu", "QEMU-killed tests") as domain:
+        yield domain
 
 
 def kill_qemu(name: str) -> None:

@@ -26,14 +26,12 @@ import libvirt
 import pytest
 
 from tests.conftest import REPO
-from tests.lab.conftest import URI, live_aliases, report, until
+from tests.lab.conftest import URI, live_aliases, own_lab, report, until
 from tests.support import _SETUP_STATE, restart_libvirtd
 from vhotplug.errors import ExitCode
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.host import lock
-from vhotplug.lab import manager
 from vhotplug.lab.manager import LabDomain
-from vhotplug.virt.connection import connection
 
 SOCKET_SETTINGS = ('unix_sock_group = "libvirt"\nunix_sock_rw_perms = "0770"\nauth_unix_rw = "none"\n')
 
@@ -68,13 +66,8 @@ def _run(*argv: str, **kw) -> subprocess.CompletedProcess[str]:  # type: ignore[
 @pytest.fixture(scope="module")
 def op_lab(request: pytest.FixtureRequest) -> Iterator[LabDomain]:
     """A lab domain of the operator's (vCPUs and DIMMs change in it)."""
-    name = f"vhl-op-{os.getpid()}"
-    with connection(URI) as conn:
-        up = manager.up(conn, name, timeout=300)
-    report(request.config, f"\nlab {name}: booted to SSH in {up.boot_seconds:.1f} s (non-root operator tests)")
-    yield up.domain
-    with connection(URI) as conn:
-        manager.down(conn, name)
+    with own_lab(request.config, "op", "non-root operator tests") as domain:
+        yield domain
 
 
 @pytest.fixture(scope="module")

@@ -2,31 +2,23 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import libvirt
 import pytest
 
-from tests.lab.conftest import URI, report, stopped_domain
+from tests.lab.conftest import URI, own_lab, stopped_domain
 from vhotplug.errors import ExitCode
 from vhotplug.guest import hotplug
 from vhotplug.guest.ssh import GuestSession
-from vhotplug.lab import manager
 from vhotplug.lab.manager import LabDomain
-from vhotplug.virt.connection import connection
 
 
 @pytest.fixture(scope="module")
 def cpu_lab(request: pytest.FixtureRequest) -> Iterator[LabDomain]:
     """A lab domain of its own: a timed-out vCPU unplug leaves QEMU 7.2 unfit for later DIMM hot-adds."""
-    name = f"vhl-cpu-{os.getpid()}"
-    with connection(URI) as conn:
-        up = manager.up(conn, name, timeout=300)
-    report(request.config, f"\nlab {name}: booted to SSH in {up.boot_seconds:.1f} s (vCPU tests)")
-    yield up.domain
-    with connection(URI) as conn:
-        manager.down(conn, name)
+    with own_lab(request.config, "cpu", "vCPU tests") as domain:
+        yield domain
 
 
 def xml_state(conn: libvirt.virConnect, name: str) -> tuple[str, str]:

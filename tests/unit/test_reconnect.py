@@ -55,6 +55,11 @@ class FakeDaemon:
                 client.close_cb(client, libvirt.VIR_CONNECT_CLOSE_REASON_EOF, None)
         self.clients = []
 
+    def restart(self) -> None:
+        """Down and straight up again (the clients stay disconnected until they reconnect)."""
+        self.stop()
+        self.up = True
+
     def emit(self, event: int, *args: object) -> None:
         for client in self.clients:
             for dom, ev, cb, opaque in list(client.callbacks.values()):
@@ -227,12 +232,7 @@ def test_detach_wait_survives_a_restart_and_sees_a_release_it_missed(daemon: Fak
 
 def test_detach_wait_gets_the_event_on_the_reopened_connection(daemon: FakeDaemon) -> None:
     conn, dom = opened(daemon)
-
-    def restart() -> None:
-        daemon.stop()
-        daemon.up = True
-
-    soon(restart, 0.05)
+    soon(daemon.restart, 0.05)
     soon(lambda: daemon.release("ua-nic0"), 0.6)  # after the reconnect: delivered by the new registration
     seconds = detach_live(conn, dom, "ua-nic0", timeout=10).seconds
     assert seconds >= 0.5 and daemon.requests == ["detach ua-nic0"] and conn.reconnects == 1
@@ -240,12 +240,7 @@ def test_detach_wait_gets_the_event_on_the_reopened_connection(daemon: FakeDaemo
 
 def test_a_guest_that_holds_on_is_reported_still_attached_after_a_restart(daemon: FakeDaemon) -> None:
     conn, dom = opened(daemon)
-
-    def restart() -> None:
-        daemon.stop()
-        daemon.up = True
-
-    soon(restart, 0.05)
+    soon(daemon.restart, 0.05)
     with pytest.raises(errors.Timeout) as exc:
         detach_live(conn, dom, "ua-nic0", timeout=0.8)
     assert "it is still attached" in exc.value.message and "reconnected to 1x" in exc.value.message
@@ -296,8 +291,7 @@ def test_an_attach_whose_answer_was_lost_is_read_back(daemon: FakeDaemon, monkey
     def attach_then_die(self: FakeDom, xml: str, flags: int) -> int:
         if attached:
             real(self, xml, flags)
-        daemon.stop()
-        daemon.up = True
+        daemon.restart()
         raise libvirt_error("internal error: client socket is closed")
 
     monkeypatch.setattr(FakeDom, "attachDeviceFlags", attach_then_die)
