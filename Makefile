@@ -7,7 +7,7 @@ VHOTPLUG  := $(VENV)/bin/vhotplug
 LAB_NAME  ?= vhotplug-lab
 PYTEST_ARGS ?=
 
-.PHONY: setup lab demo demo-passthrough demo-xen test test-unit test-lab test-nested test-xen lint bench bench-xen lab-down stop-daemons clean
+.PHONY: setup lab demo demo-passthrough demo-xen test test-unit test-lab test-nested test-xen lint bench bench-xen soak lab-down stop-daemons clean
 
 setup:
 	bash scripts/setup-host.sh
@@ -54,6 +54,11 @@ bench: setup
 # The same on Xen: netfront NICs into the Xen lab's PV guest over xen+ssh, the guest behind dom0.
 bench-xen: setup
 	$(PY) bench/nic_cycle.py --xen --cycles 10
+
+# Not a test: 8 concurrent processes x 25 NIC attach/detach cycles over 4 lab domains, each operation a vhotplug
+# process with --wait-lock; ops, failures by kind, p50/p95 latency, lost/duplicated/wrong (see bench/soak.py).
+soak: setup
+	$(PY) bench/soak.py --domains 4 --workers 8 --cycles 25
 
 lab-down:
 	$(VHOTPLUG) lab down --name $(LAB_NAME)
