@@ -16,8 +16,10 @@ from lxml import etree
 
 from tests.unit.fakevirt import libvirt_error
 from vhotplug import errors
+from vhotplug.devices.dimm import DimmSpec
 from vhotplug.ops import attach as attach_mod
 from vhotplug.ops.detach import detach_live
+from vhotplug.ops.memory import add_dimm
 from vhotplug.virt import connection as connmod
 from vhotplug.virt import pending
 from vhotplug.virt.connection import Connection, Domain, lookup_domain
@@ -281,10 +283,27 @@ def _nic(alias: str) -> etree._Element:
     return el
 
 
+def _dimm_attach(conn: Connection, dom: Domain, alias: str) -> str:
+    """``memory add --config``'s libvirt part (the live part needs a guest): returns the alias it added."""
+    spec = DimmSpec(128 << 20, 0, alias)
+    xml = etree.Element("memory", model="dimm")
+    etree.SubElement(xml, "alias", name=alias)
+    return add_dimm(conn, dom, spec, xml, flags=libvirt.VIR_DOMAIN_AFFECT_CONFIG, live=False, session=None,
+                    online_type="online_movable", block_bytes=128 << 20, timeout=5).alias
+
+
+def _nic_attach(conn: Connection, dom: Domain, alias: str) -> str:
+    outcome = attach_mod.attach_device(conn, dom, _nic(alias), flags=libvirt.VIR_DOMAIN_AFFECT_LIVE, identity=None,
+                                       session=None, timeout=5)
+    assert outcome.live
+    return outcome.alias
+
+
+@pytest.mark.parametrize("attach", [_nic_attach, _dimm_attach], ids=["nic", "dimm"])
 @pytest.mark.parametrize("attached", [True, False])
 def test_an_attach_whose_answer_was_lost_is_read_back(daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch,
-                                                      attached: bool) -> None:
-    """libvirtd died during the attach call: after reconnecting, the live XML says whether it happened."""
+                                                      attached: bool, attach) -> None:  # type: ignore[no-untyped-def]
+    """libvirtd died during the attach call: after reconnecting, the XML says whether it happened."""
     conn, dom = opened(daemon)
     real = FakeDom.attachDeviceFlags
 
@@ -295,14 +314,11 @@ def test_an_attach_whose_answer_was_lost_is_read_back(daemon: FakeDaemon, monkey
         raise libvirt_error("internal error: client socket is closed")
 
     monkeypatch.setattr(FakeDom, "attachDeviceFlags", attach_then_die)
-    flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
     if attached:
-        outcome = attach_mod.attach_device(conn, dom, _nic("ua-new"), flags=flags, identity=None, session=None,
-                                           timeout=5)
-        assert outcome.alias == "ua-new" and outcome.live
+        assert attach(conn, dom, "ua-new") == "ua-new"
     else:
         with pytest.raises(errors.LibvirtFailure, match="ua-new is not attached: nothing changed"):
-            attach_mod.attach_device(conn, dom, _nic("ua-new"), flags=flags, identity=None, session=None, timeout=5)
+            attach(conn, dom, "ua-new")
     assert conn.reconnects == 1
 
 

@@ -65,7 +65,7 @@ def attach_device(conn: libvirt.virConnect, dom: libvirt.virDomain, device: etre
         try:
             dom.attachDeviceFlags(xml, flags)
         except errors.ConnectionLost as exc:
-            _attached_after_all(dom, alias, flags, timeout, exc)  # or raises: it did not happen
+            attached_after_all(dom, alias, flags, timeout, exc)  # or raises: it did not happen
     except libvirt.libvirtError as exc:
         if watch:
             watch.cancel()
@@ -116,8 +116,8 @@ def attach_device(conn: libvirt.virConnect, dom: libvirt.virDomain, device: etre
                          max(0.0, seen_after), verified, live)
 
 
-def _attached_after_all(dom: libvirt.virDomain, alias: str, flags: int, timeout: float,
-                        lost: errors.ConnectionLost) -> None:
+def attached_after_all(dom: libvirt.virDomain, alias: str, flags: int, timeout: float,
+                       lost: errors.ConnectionLost) -> None:
     """libvirtd went away during the attach call: reconnect and read back whether the device is there.
 
     Returns when it is (the verify goes on as usual); raises LibvirtFailure saying nothing changed when not.

@@ -13,6 +13,7 @@ from vhotplug import errors
 from vhotplug.devices.dimm import DimmSpec
 from vhotplug.guest import hotplug
 from vhotplug.guest.ssh import GuestSession
+from vhotplug.ops.attach import attached_after_all
 from vhotplug.ops.detach import detach_live
 from vhotplug.ops.prepare import size_kib
 from vhotplug.units import format_size
@@ -99,6 +100,8 @@ def add_dimm(conn: libvirt.virConnect, dom: libvirt.virDomain, spec: DimmSpec, x
     before = hotplug.state(session).memtotal_kib if session else None
     try:
         dom.attachDeviceFlags(etree.tostring(xml, encoding="unicode"), flags)
+    except errors.ConnectionLost as exc:
+        attached_after_all(dom, spec.alias, flags, timeout, exc)  # or raises: it did not happen
     except libvirt.libvirtError as exc:
         raise translate(exc, f"hot-adding DIMM {spec.alias}") from exc
     if not live:
