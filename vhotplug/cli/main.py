@@ -64,6 +64,10 @@ def _global(
     output: Annotated[OutputFormat, typer.Option("--output", "-o", help="table for people, json for scripts.")]
     = OutputFormat.table,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    ssh_config: Annotated[str | None, typer.Option(
+        "--ssh-config", metavar="FILE",
+        help="OpenSSH client config for --ssh/--ssh-jump aliases (like ssh -F; default: $VHOTPLUG_SSH_CONFIG, "
+             "else ~/.ssh/config).")] = None,
     version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
                                                   help="Print the version and exit.")] = None,
 ) -> None:
@@ -74,6 +78,9 @@ def _global(
         raise InvalidRequest(f"invalid URI {uri!r}: control characters, or bytes that are not UTF-8",
                              hint="check -c/--connect or LIBVIRT_DEFAULT_URI")
     ctx.obj = AppState(uri=uri, output=output, debug=debug)
+    if ssh_config:
+        # Where the guest layer looks (vhotplug.guest.sshconfig), as ssh -F.
+        os.environ["VHOTPLUG_SSH_CONFIG"] = ssh_config
     if ctx.invoked_subcommand != "recover" and (warning := journal.stale_warning()):
         print(f"vhotplug: warning: {warning}", file=sys.stderr)
 

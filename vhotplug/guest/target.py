@@ -43,7 +43,7 @@ class SSHTarget:
         return f"{where} via {self.jump}" if self.jump else where
 
 
-def _check_host(host: str) -> str:
+def check_host(host: str) -> str:
     try:
         addr = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
@@ -58,7 +58,7 @@ def _check_host(host: str) -> str:
     return host
 
 
-def _check_port(port: str | int) -> int:
+def check_port(port: str | int) -> int:
     # Digits only: int() also took " 22", "2_2" and other scripts' digits ("٢٢").
     text = str(port)
     value = int(text) if _PORT.fullmatch(text) else -1
@@ -67,15 +67,21 @@ def _check_port(port: str | int) -> int:
     return value
 
 
-def parse_ssh_spec(spec: str) -> SSHTarget:
-    """Parse ``[user@]host[:port]`` (IPv6 as ``[addr]:port``)."""
-    user = "root"
+def check_user(user: str, where: str = "") -> str:
+    if not _USER.fullmatch(user):
+        raise errors.InvalidRequest(f"invalid SSH user {user!r}" + (f" in {where!r}" if where else ""))
+    return user
+
+
+def split_ssh_spec(spec: str) -> tuple[str | None, str, str | None]:
+    """``[user@]host[:port]`` (IPv6 as ``[addr]:port``) as (user or None, host, port or None), checked where
+    given; the host may still be an alias of the SSH config (checked once resolved)."""
+    user: str | None = None
     rest = spec.strip()
     if "@" in rest:
         user, rest = rest.rsplit("@", 1)
-        if not _USER.fullmatch(user):
-            raise errors.InvalidRequest(f"invalid SSH user {user!r} in {spec!r}")
-    port: int | str = 22
+        check_user(user, spec)
+    port: str | None = None
     if rest.startswith("["):
         host, _, tail = rest[1:].partition("]")
         if tail:
@@ -88,7 +94,16 @@ def parse_ssh_spec(spec: str) -> SSHTarget:
         host = rest
     if not host:
         raise errors.InvalidRequest(f"invalid SSH target {spec!r}: expected [user@]host[:port]")
-    return SSHTarget(host=_check_host(host), port=_check_port(port), user=user)
+    if port is not None:
+        check_port(port)
+    check_host(host)
+    return user, host, port
+
+
+def parse_ssh_spec(spec: str) -> SSHTarget:
+    """Parse ``[user@]host[:port]`` (IPv6 as ``[addr]:port``); root and port 22 unless given."""
+    user, host, port = split_ssh_spec(spec)
+    return SSHTarget(host=check_host(host), port=check_port(port or 22), user=user or "root")
 
 
 def metadata_element(target: SSHTarget) -> etree._Element:
@@ -134,11 +149,10 @@ def target_from_metadata(xml: str | bytes | etree._Element) -> SSHTarget | None:
 
 def _target_from_element(el: etree._Element, jump: SSHTarget | None) -> SSHTarget:
     key, known, user = el.get("key"), el.get("known-hosts"), el.get("user", "root")
-    if not _USER.fullmatch(user):
-        raise errors.InvalidRequest(f"invalid SSH user {user!r} in the domain metadata")
+    check_user(user, "the domain metadata")
     return SSHTarget(
-        host=_check_host(el.get("host", "")),
-        port=_check_port(el.get("port", "22")),
+        host=check_host(el.get("host", "")),
+        port=check_port(el.get("port", "22")),
         user=user,
         key=Path(key) if key else None,
         known_hosts=Path(known) if known else None,
@@ -167,10 +181,14 @@ def resolve_target(dom: libvirt.virDomain, *, ssh: str | None, key: Path | None,
     """Decide where to reach the guest of ``dom``; raise GuestUnreachable when nothing says.
 
     ``metadata``: the target already read from the domain's metadata, if the caller has it.
-    ``jump``: ``--ssh-jump USER@HOST[:PORT]``, reached first with the same key and known_hosts file.
+    ``ssh`` and ``jump`` (``--ssh-jump``) are read as ``ssh`` reads a destination: ``[user@]host[:port]``, or an
+    alias of the SSH config (:mod:`vhotplug.guest.sshconfig`); the jump host uses the guest's key and
+    known_hosts file unless the config names its own.
     """
+    from vhotplug.guest.sshconfig import resolve_spec  # the SSH config is read only for --ssh/--ssh-jump
+
     if ssh:
-        target = parse_ssh_spec(ssh)
+        target = resolve_spec(ssh)
     else:
         if metadata is None:
             try:
@@ -188,7 +206,9 @@ def resolve_target(dom: libvirt.virDomain, *, ssh: str | None, key: Path | None,
     if known_hosts:
         target = replace(target, known_hosts=known_hosts)
     if jump:
-        hop = parse_ssh_spec(jump)
-        target = replace(target, jump=replace(hop, key=target.key, known_hosts=target.known_hosts,
+        hop = resolve_spec(jump)
+        # Without a key or known_hosts file of its own (from the SSH config), the hop uses the guest's.
+        target = replace(target, jump=replace(hop, key=hop.key or target.key,
+                                              known_hosts=hop.known_hosts or target.known_hosts,
                                               source="--ssh-jump"))
     return target
