@@ -20,6 +20,7 @@ from vhotplug.devices.dimm import DimmSpec
 from vhotplug.ops import attach as attach_mod
 from vhotplug.ops.detach import detach_live
 from vhotplug.ops.memory import add_dimm
+from vhotplug.ops.vcpu import set_vcpus
 from vhotplug.virt import connection as connmod
 from vhotplug.virt import pending
 from vhotplug.virt.connection import Connection, Domain, lookup_domain
@@ -38,6 +39,7 @@ class FakeDaemon:
         self.clients: list[FakeConn] = []
         self.requests: list[str] = []  # every change a client asked for, in order
         self.opens = 0
+        self.vcpus = 1
 
     def connect(self, uri: str | None) -> FakeConn:
         if not self.up:
@@ -162,6 +164,16 @@ class FakeDom:
     def detachDeviceAlias(self, alias: str, flags: int) -> int:
         self.conn._check()
         self.conn.daemon.requests.append(f"detach {alias}")
+        return 0
+
+    def vcpusFlags(self, flags: int) -> int:
+        self.conn._check()
+        return 4 if flags & libvirt.VIR_DOMAIN_VCPU_MAXIMUM else self.conn.daemon.vcpus
+
+    def setVcpusFlags(self, n: int, flags: int) -> int:
+        self.conn._check()
+        self.conn.daemon.requests.append(f"vcpus {n}")
+        self.conn.daemon.vcpus = n
         return 0
 
     def attachDeviceFlags(self, xml: str, flags: int) -> int:
@@ -354,3 +366,25 @@ def test_qemu_busy_refusal_is_asked_again_within_the_timeout(daemon: FakeDaemon,
         assert time.monotonic() - started < timeout + 0.5 and "detach ua-nic0" not in daemon.requests
         assert exc.value.exit_code == errors.ExitCode.FAILURE
         assert pending.pending_since(UUID, 7, "ua-nic0") is None  # nothing was taken: nothing pending
+
+
+@pytest.mark.parametrize("applied", [True, False])
+def test_a_vcpu_change_whose_answer_was_lost_is_read_back(daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch,
+                                                          applied: bool) -> None:
+    conn, dom = opened(daemon)
+    real = FakeDom.setVcpusFlags
+
+    def set_then_die(self: FakeDom, n: int, flags: int) -> int:
+        if applied:
+            real(self, n, flags)
+        daemon.restart()
+        raise libvirt_error("internal error: client socket is closed")
+
+    monkeypatch.setattr(FakeDom, "setVcpusFlags", set_then_die)
+    if applied:
+        outcome = set_vcpus(conn, dom, 2, live=True, config=False, session=None, timeout=5)
+        assert (outcome.before, outcome.after) == (1, 2)
+    else:
+        with pytest.raises(errors.LibvirtFailure, match="reconnected, the domain has 1: not changed"):
+            set_vcpus(conn, dom, 2, live=True, config=False, session=None, timeout=5)
+    assert conn.reconnects == 1 and daemon.vcpus == (2 if applied else 1)

@@ -19,6 +19,7 @@ from vhotplug import errors
 from vhotplug.guest import hotplug
 from vhotplug.guest.hotplug import SYS_CPU, cpu_list
 from vhotplug.guest.ssh import GuestSession
+from vhotplug.virt.connection import RECONNECT_WINDOW, reopen_if_lost
 from vhotplug.virt.errors import translate
 from vhotplug.virt.events import DeviceRemovalWaiter
 from vhotplug.virt.flavor import flavor_of
@@ -134,6 +135,12 @@ def _grow(conn: libvirt.virConnect, dom: libvirt.virDomain, cur: int, n: int, se
           timeout: float) -> tuple[str, int | None, list[str]]:
     try:
         dom.setVcpusFlags(n, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    except errors.ConnectionLost as exc:
+        # libvirtd went away during the call: whether QEMU added them is read back once it answers again.
+        reopen_if_lost(dom, time.monotonic() + max(timeout, RECONNECT_WINDOW), during=f"vCPUs {cur} -> {n}")
+        if (now := counts(dom, live=True)[0]) != n:
+            raise errors.LibvirtFailure(f"libvirtd went away while adding vCPUs {cur} -> {n}; reconnected, the "
+                                        f"domain has {now}: not changed") from exc
     except libvirt.libvirtError as exc:
         raise translate(exc, f"hot-adding vCPUs {cur} -> {n}") from exc
     if session is None:
@@ -162,6 +169,10 @@ def _shrink(conn: libvirt.virConnect, dom: libvirt.virDomain, cur: int, n: int, 
     with DeviceRemovalWaiter(conn, dom, *aliases, present=lambda a: _vcpu_enabled(dom, a)) as waiter:  # before asking
         try:
             dom.setVcpusFlags(n, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except errors.ConnectionLost as exc:
+            # Whether libvirt asked QEMU is unknown: the waiter reconnects, and the counts below say.
+            notes.append(f"libvirt: {exc.message}")
+            waiter.wait(max(0.0, deadline - time.monotonic()))
         except libvirt.libvirtError as exc:
             err = translate(exc, f"hot-removing vCPUs {cur} -> {n}")
             if not isinstance(err, errors.Timeout):
