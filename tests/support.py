@@ -169,11 +169,16 @@ def restart_libvirtd(uri: str, *, down_for: float = 0.0, timeout: float = 120.0,
     """Stop the libvirtd this run started (by PID), keep it down ``down_for`` seconds, start it again and wait
     until ``uri`` answers; the new PID replaces the old one in the pidfile (so `make stop-daemons` still ends
     exactly ours). Running domains live on (QEMU does not depend on libvirtd). ``config``: the daemon's
-    configuration file (``libvirtd -f``). Returns (new PID, seconds)."""
+    configuration file (``libvirtd -f``; default: the command line it was started with). Returns (new PID,
+    seconds)."""
     import signal
     import subprocess
 
     old = our_libvirtd()
+    # Started again as it was (make setup gives it -f with the socket settings), unless told otherwise.
+    argv = [a.decode() for a in Path(f"/proc/{old}/cmdline").read_bytes().split(b"\0") if a]
+    if config is not None:
+        argv = ["libvirtd", "-d", "-f", str(config)]
     started = time.monotonic()
     os.kill(old, signal.SIGTERM)
     deadline = started + timeout
@@ -182,7 +187,7 @@ def restart_libvirtd(uri: str, *, down_for: float = 0.0, timeout: float = 120.0,
         time.sleep(0.05)
     if down_for:
         time.sleep(down_for)  # the outage itself is what is being tested
-    subprocess.run(["libvirtd", "-d", *(["-f", str(config)] if config else [])], check=True)
+    subprocess.run(argv, check=True)
     while True:
         new = _read_pid("/run/libvirtd.pid")
         if new and new != old:
