@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from vhotplug import errors
-from vhotplug.guest.target import SSHTarget, _check_host, _check_port
+from vhotplug.guest.target import SSHTarget, check_host, check_port
 from vhotplug.host.inventory import is_local_uri
 from vhotplug.host.snapshot import SNAPSHOT_SCRIPT, materialize
 
@@ -53,7 +53,7 @@ def ssh_target_from_uri(uri: str) -> SSHTarget | None:
     query = parse_qs(parts.query)
     key = query.get("keyfile", [None])[0]
     known = query.get("known_hosts", [None])[0]
-    return SSHTarget(host=_check_host(parts.hostname), port=_check_port(parts.port or 22),
+    return SSHTarget(host=check_host(parts.hostname), port=check_port(parts.port or 22),
                      user=unquote(parts.username) if parts.username else getpass.getuser(),
                      key=Path(key) if key else None, known_hosts=Path(known) if known else None,
                      source="the libvirt URI")
