@@ -27,6 +27,7 @@ class ExitCode(IntEnum):
     BUSY = 13  # another vhotplug process holds the domain or host device (its PID is named)
     UNSAFE = 14  # refused: the host device is used by the host or a domain, is a bridge, or shares its IOMMU group
     RECOVERY = 15  # an operation could not be rolled back: the journal keeps it for `vhotplug recover`
+    GUEST_PRIVILEGE = 16  # the guest user cannot run the privileged step: sudo asks for a password
     INTERRUPTED = 130  # Ctrl-C
 
 
@@ -97,6 +98,13 @@ class GuestHostKeyError(VhotplugError):
 
 class GuestCommandFailed(VhotplugError):
     exit_code = ExitCode.GUEST_COMMAND
+
+
+class GuestPrivilege(VhotplugError):
+    """The guest's SSH user is not root and cannot become root without a password (``sudo -n`` refused);
+    raised before anything in the domain changes."""
+
+    exit_code = ExitCode.GUEST_PRIVILEGE
 
 
 class Timeout(VhotplugError):

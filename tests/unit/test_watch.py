@@ -1,7 +1,8 @@
 """The guest watcher and ping, without a guest.
 
 The watcher tests are "honest": the exact command line ``start_watch`` would send over
-SSH runs here under the host's busybox sh (the lab guest's shell), against a fake sysfs
+SSH runs here under each guest shell in turn (busybox sh, the lab guest's; dash, Debian's
+/bin/sh; bash, the RHEL family's and an ordinary user's login shell), against a fake sysfs
 built in tmp_path with the same layout the lab guest shows (see tests/lab/test_watch.py).
 Ping is tested against a scripted session that answers each argv with canned output.
 """
@@ -44,6 +45,35 @@ from vhotplug.guest.watch import (
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 needs_busybox = pytest.mark.skipif(not os.access(BUSYBOX, os.X_OK), reason="needs busybox (the guest's shell)")
+#: The shells a guest's ``sh`` may be: busybox ash (the lab guest), dash (Debian, Ubuntu), bash (the RHEL family,
+#: where /bin/sh is bash in POSIX mode).
+SHELLS = {"busybox": BUSYBOX, "dash": "/bin/dash", "bash": "/bin/bash"}
+#: What every guest script appends to PATH (vhotplug.guest.shell.PREAMBLE).
+SYSTEM_PATH = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
+
+
+def login_shell(name: str) -> list[str]:
+    """How the SSH server starts the user's shell for an exec request. A shell that is missing fails the test:
+    every guest script must be shown to run under all three."""
+    path = SHELLS[name]
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"{path} is missing: the guest scripts must be run under {name} (install it)")
+    return [path, "sh"] if name == "busybox" else [path]
+
+
+def guest_bin(bindir: Path, name: str) -> Path:
+    """A guest's own PATH entry: ``sh`` is shell ``name``; busybox also brings ``usleep``, as in the lab image.
+    dash and bash guests have no usleep, and the system directories the scripts append must not have one
+    either, or the ``sleep`` fallback would go untested."""
+    bindir.mkdir(exist_ok=True)
+    login_shell(name)
+    (bindir / "sh").symlink_to(SHELLS[name])
+    if name == "busybox":
+        (bindir / "usleep").symlink_to(BUSYBOX)
+    else:
+        found = [d for d in SYSTEM_PATH if os.path.exists(f"{d}/usleep") or os.path.exists(f"{d}/udhcpc")]
+        assert not found, f"this host has usleep/udhcpc in {found}: the {name} runs would not test their absence"
+    return bindir
 
 # --------------------------------------------------------------------------------------------------
 # identity and command line
@@ -284,11 +314,12 @@ class _Exit:
 
 
 class LocalChannel:
-    """A paramiko Channel look-alike whose command runs under busybox sh on this host."""
+    """A paramiko Channel look-alike whose command runs under a guest shell on this host."""
 
-    def __init__(self, env: dict[str, str], procs: list[subprocess.Popen[bytes]]) -> None:
+    def __init__(self, env: dict[str, str], procs: list[subprocess.Popen[bytes]], login: list[str]) -> None:
         self._env = env
         self._procs = procs
+        self._login = login
         self._timeout: float | None = None
         self.command = ""
         self.closed = False
@@ -297,7 +328,7 @@ class LocalChannel:
     def exec_command(self, command: str) -> None:
         # What an SSH server does with an exec request: hand the string to the user's shell.
         self.command = command
-        self.proc = subprocess.Popen([BUSYBOX, "sh", "-c", command], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([*self._login, "-c", command], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self._env)
         self._procs.append(self.proc)
         self.status_event = _Exit(self.proc)
@@ -336,25 +367,27 @@ class LocalChannel:
 
 
 class LocalTransport:
-    def __init__(self, env: dict[str, str], procs: list[subprocess.Popen[bytes]]) -> None:
-        self._env, self._procs = env, procs
+    def __init__(self, env: dict[str, str], procs: list[subprocess.Popen[bytes]], login: list[str]) -> None:
+        self._env, self._procs, self._login = env, procs, login
         self.channels: list[LocalChannel] = []
 
     def open_session(self, timeout: float | None = None) -> LocalChannel:
-        chan = LocalChannel(self._env, self._procs)
+        chan = LocalChannel(self._env, self._procs, self._login)
         self.channels.append(chan)
         return chan
 
 
 class LocalSession:
-    """The two things a watch uses of GuestSession: ``open_exec(command)`` and ``run(argv)``."""
+    """What a watch uses of GuestSession (``open_exec(command)``, ``run(argv)``), plus ``run_script``: commands
+    run under the login shell ``shell`` (busybox sh by default) with PATH=``bindir``."""
 
     target = "local-busybox"
 
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, shell: str = "busybox") -> None:
         self.env = {"PATH": str(bindir)}
+        self.login = login_shell(shell)
         self.procs: list[subprocess.Popen[bytes]] = []
-        self._transport = LocalTransport(self.env, self.procs)
+        self._transport = LocalTransport(self.env, self.procs, self.login)
         self.ran: list[list[str]] = []
 
     def transport(self) -> LocalTransport:
@@ -367,9 +400,15 @@ class LocalSession:
 
     def run(self, argv: list[str], *, timeout: float = 30.0, check: bool = True) -> Result:
         self.ran.append(argv)
-        proc = subprocess.run([BUSYBOX, "sh", "-c", shlex.join(argv)], capture_output=True, env=self.env,
-                              timeout=timeout, check=False)
-        return Result(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+        return self.run_script(shlex.join(argv), timeout=timeout, check=check)
+
+    def run_script(self, script: str, *, timeout: float = 30.0, check: bool = True) -> Result:
+        proc = subprocess.run([*self.login, "-c", script], capture_output=True, env=self.env, timeout=timeout,
+                              check=False)
+        result = Result(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+        if check and result.status != 0:
+            raise errors.GuestCommandFailed(f"command failed (exit {result.status}): {result.stderr.strip()}")
+        return result
 
     def alive(self, pid: int) -> bool:
         proc = next(p for p in self.procs if p.pid == pid)
@@ -383,8 +422,8 @@ class SeveredSession(LocalSession):
     """A session whose SSH connection can be cut (``sever``): every open channel then reads end-of-stream,
     as paramiko's do when the transport dies, until ``reconnect`` logs in again (or fails to)."""
 
-    def __init__(self, bindir: Path) -> None:
-        super().__init__(bindir)
+    def __init__(self, bindir: Path, shell: str = "busybox") -> None:
+        super().__init__(bindir, shell)
         self.up = True
         self.reconnects: list[float] = []
         self.refuse_login = False
@@ -404,16 +443,13 @@ class SeveredSession(LocalSession):
         self.up = True
 
 
-@pytest.fixture
-def fake(tmp_path: Path) -> Iterator[tuple[FakeSys, SeveredSession]]:
-    # The guest's PATH holds busybox applets only: sh, usleep (as in the lab image).
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    for applet in ("sh", "usleep"):
-        (bindir / applet).symlink_to(BUSYBOX)
+@pytest.fixture(params=list(SHELLS))
+def fake(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[FakeSys, SeveredSession]]:
+    # The guest's PATH: its sh (busybox with its usleep applet, as in the lab image; dash; bash).
+    bindir = guest_bin(tmp_path / "bin", request.param)
     # A space and shell syntax in the root path prove the arguments are quoted, not pasted.
     sysfs = FakeSys(tmp_path / "guest root $(x) ;'")
-    session = SeveredSession(bindir)
+    session = SeveredSession(bindir, request.param)
     yield sysfs, session
     sysfs.stop()
     for proc in session.procs:  # only the watchers this test started, by their own handle
@@ -582,8 +618,8 @@ def test_context_exit_cancels_an_unfinished_watch(fake):
 @needs_busybox
 def test_watcher_that_dies_is_reported(fake):
     sysfs, session = fake
+    sysfs.stop()  # first: its clock would write uptime again
     (sysfs.root / "proc/uptime").unlink()
-    sysfs.stop()
     with pytest.raises(errors.GuestCommandFailed, match="stopped without an answer"):
         watch(session, sysfs, "nic", "52:54:00:11:22:33")
 
@@ -920,13 +956,13 @@ def test_ping_without_reply_raises_with_the_output():
         ping_through(s, "lo", "10.0.2.2", count=1)
 
 
-def test_ping_needs_udhcpc_when_there_is_no_address():
+def test_ping_needs_a_dhcp_client_when_there_is_no_address():
     s = ScriptedSession([
         (["ip", "link"], OK),
         (["ip", "-o", "-4", "addr", "show"], OK),
-        (["sh", "-c"], Result(0, "no-udhcpc\n", "")),
+        (["sh", "-c"], Result(0, "no-dhcp\n", "")),
     ])
-    with pytest.raises(errors.GuestCommandFailed, match="no udhcpc"):
+    with pytest.raises(errors.GuestCommandFailed, match=r"no DHCP client .*looked for udhcpc, dhclient and dhcpcd"):
         ping_through(s, "eth1", "10.0.2.2")
 
 

@@ -33,6 +33,7 @@ from vhotplug.cli.options import (
 from vhotplug.cli.state import OutputFormat, state
 from vhotplug.devices.disk import DiskSpec, create_image, disk_spec, disk_xml, remove_created_image
 from vhotplug.devices.nic import nic_spec, nic_xml
+from vhotplug.guest import privilege
 from vhotplug.guest.ping import check_address, ping_through
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.guest.watch import Identity
@@ -107,6 +108,8 @@ def nic(
             raise errors.InvalidRequest("--ping needs the guest check: a live attach with guest SSH access",
                                         hint="pass --ssh USER@HOST (and --ssh-key)")
         with session or contextlib.nullcontext():
+            if ping and session is not None:
+                privilege.require(session, "bring the new NIC up and ping through it")  # before the attach
             outcome = attach_device(conn, dom, element, flags=flags, identity=Identity("nic", spec.mac),
                                     session=session, timeout=timeout)
             doc = outcome.to_dict()

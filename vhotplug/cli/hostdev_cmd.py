@@ -30,6 +30,7 @@ from vhotplug.cli.options import (
     WaitLockOpt,
 )
 from vhotplug.cli.state import OutputFormat, state
+from vhotplug.guest import privilege
 from vhotplug.guest.ping import check_address, ping_through
 from vhotplug.host import lock
 from vhotplug.virt.connection import connection, lookup_domain, resolve_affect
@@ -156,6 +157,8 @@ def _attach(conn: libvirt.virConnect, dom: libvirt.virDomain, plan: HostdevPlan,
         raise errors.InvalidRequest("--ping needs the guest check: a live attach with guest SSH access",
                                     hint="pass --ssh USER@HOST (and --ssh-key)")
     with session or contextlib.nullcontext():
+        if ping and session is not None:
+            privilege.require(session, "bring the device's interface up and ping through it")  # before the host detach
         outcome = attach_hostdev(conn, dom, plan, flags=affect_flags, session=session, timeout=timeout, uri=uri)
         doc = outcome.to_dict()
         seen = outcome.attach.guest

@@ -90,7 +90,8 @@ def add(
     typer.echo(f"added DIMM {outcome.alias} ({format_size(outcome.size_bytes)}) to {domain} "
                f"in {outcome.seconds * 1000:.0f} ms")
     if outcome.memtotal_after_kib is not None:
-        typer.echo(f"guest: blocks {', '.join(map(str, outcome.blocks))} {online_type}; MemTotal "
+        how = "onlined by the guest" if outcome.onlined_by == "guest" else online_type
+        typer.echo(f"guest: blocks {', '.join(map(str, outcome.blocks))} {how}; MemTotal "
                    f"{outcome.memtotal_before_kib} -> {outcome.memtotal_after_kib} KiB")
 
 

@@ -64,7 +64,8 @@ def _report(fmt: OutputFormat, domain: str, o: VcpuOutcome) -> None:
     where = "live" if o.live else "definition"
     typer.echo(f"vCPUs of {domain} ({where}): {o.before} -> {o.after} in {o.seconds * 1000:.0f} ms")
     if o.guest_online:
-        typer.echo(f"guest: CPUs {o.guest_online} online, {o.guest_cpuinfo} in /proc/cpuinfo")
+        by = " (onlined by the guest)" if o.onlined_by == "guest" else ""
+        typer.echo(f"guest: CPUs {o.guest_online} online{by}, {o.guest_cpuinfo} in /proc/cpuinfo")
     for note in o.notes:
         typer.echo(f"note: {note}")
 

@@ -2,7 +2,7 @@
 
 This is the seed's in-guest check (``lspci -k``, ``ip link``, ``fdisk -l``,
 ``ls /sys/devices/system/cpu``) as data. The script is fixed text owned by
-vhotplug and only needs busybox.
+vhotplug and only needs a POSIX sh (dash, bash or busybox) with ``tail`` and ``tr``.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from vhotplug.guest import shell
 from vhotplug.guest.ssh import GuestSession
 
-PROBE_SCRIPT = r"""
+PROBE_SCRIPT = shell.script(r"""
 R=${1:-}
 # Shell builtins only where it repeats (read, cd -P, parameter expansion): every fork costs, and under
 # nested TCG one costs ~50 ms, which made this script take a minute there.
@@ -45,13 +46,20 @@ serial_of() {
   done
   [ -n "$s" ] || s=-
 }
+# under S: u=S with each space made an underscore (one word for the parser; bash-only substitution stops dash).
+under() {
+  u= t=$1
+  while :; do
+    case $t in *' '*) u=$u${t%%' '*}_ t=${t#*' '} ;; *) u=$u$t; return ;; esac
+  done
+}
 echo '[block]'
 for b in "$R"/sys/block/*; do
   [ -e "$b" ] || continue
   case "${b##*/}" in loop*|ram*|zram*) continue ;; esac
   serial_of "$b"
-  r "$b/size"; size=$v; r "$b/ro"
-  echo "${b##*/} $size $v ${s// /_}"
+  r "$b/size"; size=$v; r "$b/ro"; under "$s"
+  echo "${b##*/} $size $v $u"
 done
 echo '[cpu]'
 r "$R/sys/devices/system/cpu/online"; echo "online $v"
@@ -69,7 +77,7 @@ for m in "$R"/sys/devices/system/memory/memory*/state; do
 done
 echo "blocks_online $on"
 echo "blocks_offline $off"
-"""
+""")
 
 
 @dataclass(frozen=True)
@@ -171,4 +179,5 @@ PROBE_TIMEOUT = 180.0
 
 def guest_view(session: GuestSession) -> GuestView:
     """Run the probe in the guest and parse what it saw."""
-    return parse_probe(session.run_script(PROBE_SCRIPT, timeout=PROBE_TIMEOUT).stdout)
+    # Through sh -c: the same POSIX shell whatever the user's login shell is.
+    return parse_probe(session.run_script(shell.sh_command(PROBE_SCRIPT), timeout=PROBE_TIMEOUT).stdout)

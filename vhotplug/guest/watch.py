@@ -7,12 +7,16 @@ event), then acts, then collects the result::
         dom.attachDeviceFlags(xml, flags)
         seen = watch.result()
 
-The watcher is one fixed busybox-sh script (``WATCH_SCRIPT``) run on its own channel of
+The watcher is one fixed POSIX sh script (``WATCH_SCRIPT``: dash, bash, busybox) run on its own channel of
 the session's existing SSH connection. The identity reaches it as a positional argument
 (``sh -c SCRIPT sh ARGS``, quoted with ``shlex.join``), never pasted into script text. It
 prints ``start`` right after its first look at sysfs (so a change made once ``start_watch``
 has returned cannot be missed), polls every ~20 ms with shell builtins, and prints one
 ``found``/``timeout`` line. Times come from the guest's /proc/uptime.
+
+A NIC is reported by its final name: where udev runs, it renames a new interface a moment after it
+appears (``eth0`` -> ``enp8s0``), so the watcher follows the MAC until udev is done with it (see
+``RENAME_GRACE``; ``renamed_from=`` says the first name). A guest without udev waits for nothing.
 
 What identifies a disk, as seen on the lab guest (QEMU 7.2, libvirt 9, Debian 6.1 kernel):
 virtio-blk has ``/sys/block/vdX/serial``; a SCSI disk (virtio-scsi) has no serial file, only
@@ -46,6 +50,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from vhotplug import errors
+from vhotplug.guest import shell
 from vhotplug.guest.ssh import GuestSession, ssh_errors
 
 Kind = Literal["nic", "disk", "blockdev", "pci", "usb"]
@@ -67,6 +72,11 @@ CLOSE_WAIT = 5.0
 #: Guest seconds a new PCI NIC may take to show its interface, or a new USB device to get an
 #: interface driver, once it is otherwise there; after that it is reported without them.
 BIND_GRACE = 2.0
+#: Where udev runs, it renames a new interface a moment after it appears (eth0 -> enp8s0): the name is
+#: followed until udev is done with the device, or (udev keeping no database entry for it) has held this long
+#: with udev's queue empty, for at most RENAME_GRACE guest seconds. A guest without udev waits for nothing.
+RENAME_SETTLE = 0.2
+RENAME_GRACE = 2.0
 
 # Positional arguments: $1 kind (nic|disk|pci|usb), $2 MAC, serial or VVVV:PPPP ids,
 # $3 1=present 0=absent, $4 deadline in centiseconds of guest uptime from start, $5 a
@@ -75,11 +85,12 @@ BIND_GRACE = 2.0
 # after a lost SSH connection counts changes against those, not against what it finds now.
 #
 # Every step inside the loop is a builtin (read, [, case, cd -P, arithmetic) except the
-# ~20 ms usleep, so one poll stays cheap even under TCG. ``cd -P DIR; $PWD`` replaces
-# ``readlink -f`` for the same reason.
-WATCH_SCRIPT = r"""
+# ~20 ms nap (usleep, or sleep 0.02 where there is none), so one poll stays cheap even under TCG.
+# ``cd -P DIR; $PWD`` replaces ``readlink -f`` for the same reason. POSIX sh only (dash, bash, busybox).
+WATCH_SCRIPT = shell.script(r"""
 export LC_ALL=C
 kind=$1 want=$2 present=$3 limit=$4 R=$5 grace=@GRACE@
+settle_cs=@SETTLE@ rename_cs=@RENAME@
 top=$R/sys/devices
 # /proc/uptime is "SECONDS.CC": centiseconds without octal surprises from a leading 0.
 tick() { read -r up _ 2>/dev/null < "$R/proc/uptime"; cs=$(( ${up%.*} * 100 + 1${up#*.} - 100 )); }
@@ -194,6 +205,34 @@ waiting() {
 # firstof GLOB...: hit=name of the first existing path among the words ("" if none).
 firstof() { hit=; for k in "$@"; do [ -e "$k" ] && { hit=${k##*/}; return; }; done; }
 
+# nic_nn / pci_nn: nn=the current name of the interface found (by its MAC / under the new function).
+nic_nn() { nic_scan; nn=$name; }
+pci_nn() { firstof "$bus/$name"/net/* "$bus/$name"/virtio*/net/*; nn=$hit; }
+
+# settle FUNC: nn=the interface's final name. With udev running (its control socket), follow the name
+# with FUNC until udev's database has the interface (udev renames before it writes that entry) or, for a
+# udev that keeps none, until the name has held $settle_cs with udev's queue empty; at most $rename_cs.
+# Without udev (the lab guest: no rename comes) it returns at once: no extra poll. ren=" renamed_from=OLD".
+settle() {
+  ren= orig=$nn
+  [ -e "$R/run/udev/control" ] || return 0
+  s0=$cs since=$cs prev=$nn
+  while :; do
+    ix=
+    read -r ix 2>/dev/null < "$R/sys/class/net/$nn/ifindex"
+    [ -n "$ix" ] && [ -e "$R/run/udev/data/n$ix" ] && break
+    [ $((cs - since)) -ge "$settle_cs" ] && [ ! -e "$R/run/udev/queue" ] && break
+    [ $((cs - s0)) -ge "$rename_cs" ] && break
+    nap 20000 0.02
+    tick
+    polls=$((polls + 1))
+    "$1"
+    [ -n "$nn" ] || nn=$prev  # between the old name and the new one: keep the last seen
+    [ "$nn" = "$prev" ] || { prev=$nn since=$cs; }
+  done
+  [ "$nn" = "$orig" ] || ren=" renamed_from=$orig"
+}
+
 # ids_new: name=first device in $cur but not in $init that is ready (drv, and for pci net,
 # blk; for usb busdev set); last/need say what keeps a new one from being ready.
 ids_new() {
@@ -264,7 +303,9 @@ while :; do
       ids_new
       if [ -n "$name" ]; then
         if [ "$kind" = pci ]; then
-          echo "found $name $drv $up polls=$polls pci=$name${net:+ net=$net}${blk:+ block=$blk}"
+          ren=
+          [ -n "$net" ] && { up0=$up nn=$net; settle pci_nn; net=$nn up=$up0; }
+          echo "found $name $drv $up polls=$polls pci=$name${net:+ net=$net}${blk:+ block=$blk}$ren"
         else
           echo "found $name $drv $up polls=$polls usb=$name busdev=$bn.$dn"
         fi
@@ -287,9 +328,12 @@ while :; do
   elif [ "$present" = 1 ]; then
     if [ -n "$name" ]; then
       if [ "$kind" = nic ] && [ "$bound" = 1 ]; then
+        up0=$up nn=$name
+        settle nic_nn  # the time reported stays the first sighting's
+        name=$nn up=$up0
         drvof "$R/sys/class/net/$name/device/driver"
         cd -P "$R/sys/class/net/$name/device" 2>/dev/null && whence "$PWD"
-        echo "found $name $drv $up polls=$polls$extra"
+        echo "found $name $drv $up polls=$polls$extra$ren"
         exit 0
       fi
       if [ "$kind" = disk ] || [ "$kind" = blockdev ]; then
@@ -311,9 +355,10 @@ while :; do
     echo "timeout $up polls=$polls${last:+ last=$last}${need:+ need=$need}"
     exit 1
   fi
-  usleep 20000
+  nap 20000 0.02
 done
-""".replace("@GRACE@", str(round(BIND_GRACE * 100)))  # our constant: the identity is never pasted in
+""").replace("@GRACE@", str(round(BIND_GRACE * 100))).replace(  # our constants: the identity is never pasted in
+    "@SETTLE@", str(round(RENAME_SETTLE * 100))).replace("@RENAME@", str(round(RENAME_GRACE * 100)))
 
 
 @dataclass(frozen=True)
@@ -371,7 +416,8 @@ class Seen:
     a NIC or disk: ``pci`` and ``usb`` (the PCI function / USB device above it), ``scsi`` (H:C:T:L);
     for a PCI function: ``pci`` (its BDF), ``net`` (its interface, if a NIC), ``block`` (a block
     device right below it, e.g. virtio-blk's); for a USB device: ``usb`` (e.g. 2-1), ``busdev``
-    (BUS.DEV as in lsusb).
+    (BUS.DEV as in lsusb). A NIC (or a PCI function's ``net``) that udev renamed while the watcher
+    followed it adds ``renamed_from`` (the name it first had).
     """
 
     name: str  # eth1, vdb, sda, a PCI BDF, a USB device (2-1); "" when the watch waited for absence
@@ -520,7 +566,7 @@ class Watch:
             raise errors.GuestCommandFailed(
                 f"the watcher for the {self.identity.describe()} stopped without an answer "
                 f"(exit {status}): {stderr[:300] or 'no error output'}",
-                hint="the guest needs a busybox-compatible sh with usleep and /proc, /sys mounted",
+                hint="the guest needs a POSIX sh (dash, bash or busybox) and /proc, /sys mounted",
             )
         try:
             return parse_line(line)

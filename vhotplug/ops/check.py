@@ -14,6 +14,7 @@ from typing import Any
 from lxml import etree
 
 from vhotplug import errors
+from vhotplug.guest import shell
 from vhotplug.guest.probe import parse_cpu_list
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.ops.prepare import parse_xml, size_kib, slot_devices, vcpu_counts
@@ -30,8 +31,8 @@ KERNEL_OPTIONS = (
 
 # One round trip. The kernel config when one is readable (/boot, else /proc/config.gz),
 # and always the sysfs evidence, which is all a kernel booted from an initramfs without
-# /boot offers. Fixed text: nothing from the user goes in.
-GUEST_SCRIPT = r"""
+# /boot offers. Fixed text: nothing from the user goes in. POSIX sh (dash, bash, busybox).
+GUEST_SCRIPT = shell.script(r"""
 rel=$(uname -r)
 echo '[kernel]'
 echo "release $rel"
@@ -58,7 +59,7 @@ echo "cpu_online_files $n"
 echo "cpuhp_states $(yn /sys/devices/system/cpu/hotplug/states)"
 echo "cpus_present $(cat /sys/devices/system/cpu/present 2>/dev/null)"
 echo "cpus_possible $(cat /sys/devices/system/cpu/possible 2>/dev/null)"
-"""
+""")
 
 
 @dataclass(frozen=True)
@@ -412,7 +413,7 @@ def _int(value: str | None) -> int:
 
 def guest_kernel(session: GuestSession) -> GuestKernel:
     """Run the fixed script in the guest and parse it."""
-    return parse_guest(session.run_script(GUEST_SCRIPT, timeout=30).stdout)
+    return parse_guest(session.run_script(shell.sh_command(GUEST_SCRIPT), timeout=30).stdout)
 
 
 # -- the whole report ---------------------------------------------------

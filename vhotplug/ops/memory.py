@@ -11,7 +11,7 @@ from lxml import etree
 
 from vhotplug import errors
 from vhotplug.devices.dimm import DimmSpec
-from vhotplug.guest import hotplug
+from vhotplug.guest import hotplug, privilege
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.ops.attach import attached_after_all
 from vhotplug.ops.detach import detach_live
@@ -82,6 +82,7 @@ class MemoryOutcome:
     memtotal_before_kib: int | None = None
     memtotal_after_kib: int | None = None
     seconds: float = 0.0
+    onlined_by: str = ""  # an added DIMM's blocks: "guest" (it onlined them itself) or "vhotplug"; else ""
 
     def to_dict(self) -> dict[str, object]:
         doc: dict[str, object] = {"alias": self.alias, "size": format_size(self.size_bytes),
@@ -89,6 +90,8 @@ class MemoryOutcome:
         if self.memtotal_after_kib is not None:
             doc["guest"] = {"memtotal_before_kib": self.memtotal_before_kib,
                             "memtotal_after_kib": self.memtotal_after_kib}
+        if self.onlined_by:
+            doc["onlined_by"] = self.onlined_by
         return doc
 
 
@@ -97,6 +100,9 @@ def add_dimm(conn: libvirt.virConnect, dom: libvirt.virDomain, spec: DimmSpec, x
              timeout: float) -> MemoryOutcome:
     """Hot-add a DIMM; in the guest, online exactly its blocks and check MemTotal grew by its size."""
     start = time.monotonic()
+    if session is not None and live:
+        # Before libvirt is asked: onlining the blocks needs root, and a refusal then would mean a rollback.
+        privilege.require(session, "online the new memory blocks")
     before = hotplug.state(session).memtotal_kib if session else None
     try:
         dom.attachDeviceFlags(etree.tostring(xml, encoding="unicode"), flags)
@@ -111,14 +117,16 @@ def add_dimm(conn: libvirt.virConnect, dom: libvirt.virDomain, spec: DimmSpec, x
         return MemoryOutcome(spec.alias, spec.size_bytes, blocks, seconds=time.monotonic() - start)
     try:
         hotplug.wait_blocks(session, blocks, timeout=timeout)
-        hotplug.set_blocks(session, blocks, online_type)
+        # A guest may online them itself (udev rules, auto_online_blocks): already online counts, and is said so.
+        placed = hotplug.set_blocks(session, blocks, online_type)
         after = hotplug.state(session).memtotal_kib
         _check_delta(before or 0, after, spec.size_bytes // 1024, block_bytes, "grew")
     except errors.VhotplugError as exc:
         _roll_back(conn, dom, spec.alias, blocks, session, timeout)
         exc.message += f" (the DIMM {spec.alias} was removed again)"
         raise
-    return MemoryOutcome(spec.alias, spec.size_bytes, blocks, before, after, time.monotonic() - start)
+    return MemoryOutcome(spec.alias, spec.size_bytes, blocks, before, after, time.monotonic() - start,
+                         hotplug.onlined_by(p.by for p in placed.values()))
 
 
 def _check_delta(before: int, after: int, want_kib: int, block_bytes: int, verb: str) -> None:
@@ -147,6 +155,7 @@ def remove_dimm(conn: libvirt.virConnect, dom: libvirt.virDomain, ref: str, *, s
     blocks = dimm_blocks(el, block_bytes)
     before = None
     if session is not None:
+        privilege.require(session, "offline the DIMM's memory blocks")
         before = hotplug.state(session).memtotal_kib
         # Offline first: a guest still using the memory refuses here, and nothing has changed.
         hotplug.set_blocks(session, blocks, "offline")

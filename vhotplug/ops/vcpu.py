@@ -16,7 +16,7 @@ import libvirt
 from lxml import etree
 
 from vhotplug import errors
-from vhotplug.guest import hotplug
+from vhotplug.guest import hotplug, privilege
 from vhotplug.guest.hotplug import SYS_CPU, cpu_list
 from vhotplug.guest.ssh import GuestSession
 from vhotplug.virt.connection import RECONNECT_WINDOW, reopen_if_lost
@@ -35,12 +35,15 @@ class VcpuOutcome:
     guest_cpuinfo: int | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    onlined_by: str = ""  # added CPUs: "guest" (it onlined them itself: udev rules) or "vhotplug"; else ""
 
     def to_dict(self) -> dict[str, object]:
         doc: dict[str, object] = {"before": self.before, "after": self.after, "live": self.live,
                                   "config": self.config, "seconds": round(self.seconds, 3)}
         if self.guest_online:
             doc["guest"] = {"online": self.guest_online, "cpuinfo": self.guest_cpuinfo}
+        if self.onlined_by:
+            doc["onlined_by"] = self.onlined_by
         if self.notes:
             doc["notes"] = self.notes
         return doc
@@ -115,6 +118,9 @@ def set_vcpus(conn: libvirt.virConnect, dom: libvirt.virDomain, n: int, *, live:
     cur, maximum = counts(dom, live=True)
     check_target(n, maximum)
     check_host_cap(conn, n)
+    if session is not None and n != cur:
+        # Before libvirt is asked: a user whose sudo wants a password must not leave CPUs half-done.
+        privilege.require(session, "online the new CPUs" if n > cur else "offline CPUs")
     outcome = (_grow if n > cur else _shrink)(conn, dom, cur, n, session, timeout) if n != cur else None
     if config:
         try:
@@ -128,11 +134,12 @@ def set_vcpus(conn: libvirt.virConnect, dom: libvirt.virDomain, n: int, *, live:
             st = hotplug.state(session)
             online, info = cpu_list(st.online), st.cpuinfo
         return VcpuOutcome(cur, cur, True, config, online, info, time.monotonic() - start, ["nothing to change"])
-    return VcpuOutcome(cur, n, True, config, outcome[0], outcome[1], time.monotonic() - start, outcome[2])
+    online, cpuinfo, notes, by = outcome
+    return VcpuOutcome(cur, n, True, config, online, cpuinfo, time.monotonic() - start, notes, by)
 
 
 def _grow(conn: libvirt.virConnect, dom: libvirt.virDomain, cur: int, n: int, session: GuestSession | None,
-          timeout: float) -> tuple[str, int | None, list[str]]:
+          timeout: float) -> tuple[str, int | None, list[str], str]:
     try:
         dom.setVcpusFlags(n, libvirt.VIR_DOMAIN_AFFECT_LIVE)
     except errors.ConnectionLost as exc:
@@ -144,22 +151,23 @@ def _grow(conn: libvirt.virConnect, dom: libvirt.virDomain, cur: int, n: int, se
     except libvirt.libvirtError as exc:
         raise translate(exc, f"hot-adding vCPUs {cur} -> {n}") from exc
     if session is None:
-        return "", None, []
+        return "", None, [], ""
     want = cpu_list(range(n))
     reached, seen, _ = hotplug.wait_equals(session, f"{SYS_CPU}/present", want, timeout=timeout)
     if not reached:
         raise errors.Inconsistent(f"libvirt added vCPUs ({n} now) but the guest shows CPUs {seen or '?'} present, "
                                   f"not {want}, after {timeout:g} s")
-    hotplug.set_cpus_online(session, range(cur, n), True)
+    # A guest may online them itself (RHEL's udev rules): already online counts, and is said so.
+    by = hotplug.set_cpus_online(session, range(cur, n), True)
     st = hotplug.state(session)
     if cpu_list(st.online) != want or st.cpuinfo != n:
         raise errors.Inconsistent(f"the guest has CPUs {cpu_list(st.online)} online ({st.cpuinfo} in /proc/cpuinfo), "
                                   f"expected {want}")
-    return want, st.cpuinfo, []
+    return want, st.cpuinfo, [], hotplug.onlined_by(by.values())
 
 
 def _shrink(conn: libvirt.virConnect, dom: libvirt.virDomain, cur: int, n: int, session: GuestSession | None,
-            timeout: float) -> tuple[str, int | None, list[str]]:
+            timeout: float) -> tuple[str, int | None, list[str], str]:
     notes: list[str] = []
     if session is not None:
         # The guest lets go first: an online CPU being ejected is the guest's decision to refuse.
@@ -183,13 +191,13 @@ def _shrink(conn: libvirt.virConnect, dom: libvirt.virDomain, cur: int, n: int, 
     if session is None:
         if libvirt_now != n:
             raise errors.Timeout(f"libvirt still counts {libvirt_now} vCPUs, not {n}: the unplug did not complete")
-        return "", None, notes
+        return "", None, notes, ""
     want = cpu_list(range(n))
     reached, seen, _ = hotplug.wait_equals(session, f"{SYS_CPU}/present", want,
                                            timeout=max(1.0, deadline - time.monotonic()))
     st = hotplug.state(session)
     if libvirt_now == n and reached:
-        return cpu_list(st.online), st.cpuinfo, notes
+        return cpu_list(st.online), st.cpuinfo, notes, ""
     raise errors.Inconsistent(
         f"libvirt and the guest disagree after removing vCPUs {cur} -> {n}: libvirt counts {libvirt_now} "
         f"(live XML), the guest shows CPUs {seen or cpu_list(st.present)} present and {cpu_list(st.online)} online "
