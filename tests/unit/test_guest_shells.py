@@ -31,6 +31,7 @@ from tests.unit.test_watch import (
     guest_bin,
     later,
     login_shell,
+    reap,
 )
 from vhotplug import errors
 from vhotplug.devices.dimm import DimmSpec
@@ -203,13 +204,7 @@ def guest(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Gues
     sysfs = FakeSys(tmp_path / "guest root $(x) ;'")
     yield session, sysfs
     sysfs.stop()
-    for proc in session.procs:  # only the watchers this test started, by their own handle
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        for pipe in (proc.stdin, proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
+    reap(session)
 
 
 def sudo_calls(session: Guest) -> list[list[str]]:

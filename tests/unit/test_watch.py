@@ -443,6 +443,17 @@ class SeveredSession(LocalSession):
         self.up = True
 
 
+def reap(session: LocalSession) -> None:
+    """End the watchers a test started (by their own handles, nothing else) and close their pipes."""
+    for proc in session.procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
 @pytest.fixture(params=list(SHELLS))
 def fake(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[FakeSys, SeveredSession]]:
     # The guest's PATH: its sh (busybox with its usleep applet, as in the lab image; dash; bash).
@@ -452,13 +463,7 @@ def fake(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[FakeS
     session = SeveredSession(bindir, request.param)
     yield sysfs, session
     sysfs.stop()
-    for proc in session.procs:  # only the watchers this test started, by their own handle
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        for pipe in (proc.stdin, proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
+    reap(session)
 
 
 def watch(session: LocalSession, sysfs: FakeSys, kind: str, value: str, *, present: bool = True,
