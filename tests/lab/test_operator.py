@@ -11,10 +11,12 @@ libvirtd of this run's that was started otherwise is restarted so, by PID.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -107,8 +109,36 @@ def operator(op_lab: LabDomain, tmp_path_factory: pytest.TempPathFactory,
                                f"{time.monotonic() - started:.1f} s")
         yield op
     finally:
-        subprocess.run(["userdel", user], capture_output=True, check=False)
+        _remove_user(user)
         shutil.rmtree(top, ignore_errors=True)
+
+
+def _remove_user(user: str) -> None:
+    """End what runs as the test's user (its SSH sharing masters outlive its commands by a minute), then remove
+    the user. Every process of that uid is this test's: the user is its own, made above."""
+    found = subprocess.run(["id", "-u", user], capture_output=True, text=True, check=False)
+    if found.returncode != 0:
+        return  # never made
+    uid, deadline = int(found.stdout), time.monotonic() + 30
+    while True:
+        pids = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/status") if _uid_of(p) == uid]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        done = subprocess.run(["userdel", user], capture_output=True, text=True, check=False)
+        if done.returncode == 0:
+            return
+        # Bounded poll: the processes just signalled take a moment to go, and nothing tells when they have.
+        assert time.monotonic() < deadline, f"userdel {user}: {done.stderr.strip()} (processes {pids})"
+        time.sleep(0.2)
+
+
+def _uid_of(status: Path) -> int | None:
+    try:
+        found = re.search(r"^Uid:\s+(\d+)", status.read_text(), re.M)
+    except OSError:
+        return None
+    return int(found[1]) if found else None
 
 
 def test_operator_hot_plugs_with_guest_verification(op_lab, operator, request):
